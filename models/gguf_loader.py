@@ -1,0 +1,134 @@
+"""Load a llama.cpp GGUF file: config from metadata, dequantized weights, tokenizer and chat template."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import gguf
+
+from jaxgen.errors import ModelLoadError
+
+from .config import ModelConfig
+from .weights import params_from_hf
+
+# GGUF tensor names -> HF names ({i} is the layer index).
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Open a GGUF file, turning a missing or truncated file into a clear ModelLoadError."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on a damaged file
+        raise ModelLoadError(f"cannot read GGUF file {path} (truncated or not a GGUF file): {e}") from e
+
+
+def field(reader: gguf.GGUFReader, key: str, default=None):
+    """A metadata value, or `default` when the key is absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
+    """ModelConfig from `{arch}.*` metadata; tied embeddings when the file has no output.weight."""
+    arch = field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    if field(reader, f"{arch}.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensor_names(reader):
+        raise ModelLoadError("GGUF RoPE scaling (rope.scaling.* or rope_freqs) is not supported; load the HF directory")
+    heads = field(reader, f"{arch}.attention.head_count")
+    hidden = field(reader, f"{arch}.embedding_length")
+    vocab = field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[arch], vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=field(reader, f"{arch}.feed_forward_length"),
+        num_layers=field(reader, f"{arch}.block_count"), num_heads=heads,
+        num_kv_heads=field(reader, f"{arch}.attention.head_count_kv", heads),
+        head_dim=field(reader, f"{arch}.attention.key_length", hidden // heads),
+        rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=field(reader, f"{arch}.context_length", 2048),
+        tie_word_embeddings="output.weight" not in tensor_names(reader),
+        attention_bias="blk.0.attn_q.bias" in tensor_names(reader))
+
+
+def tensor_names(reader: gguf.GGUFReader) -> set[str]:
+    """Names of all tensors in the file."""
+    return {t.name for t in reader.tensors}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None if it has no counterpart."""
+    generic = re.sub(r"^blk\.(\d+)\.", "blk.{i}.", gguf_name)
+    target = GGUF_TO_HF.get(generic)
+    layer = re.match(r"^blk\.(\d+)\.", gguf_name)
+    return target.format(i=layer.group(1)) if target and layer else target
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved -> rotate-half RoPE layout), [out, ...]."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """float32 [out, in] (or [n]) from any tensor type `gguf` can dequantize."""
+    try:
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+    except NotImplementedError as e:
+        raise ModelLoadError(f"tensor {tensor.name}: type {tensor.tensor_type.name} cannot be dequantized") from e
+
+
+def hf_tensor_getter(reader: gguf.GGUFReader, cfg: ModelConfig):
+    """`get(hf_name) -> float32 array` over the file's tensors, with Q/K rows put back in HF order.
+
+    llama.cpp's converter permutes Q/K rows (weights and biases) for the `llama` architecture only.
+    """
+    by_hf = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
+    permuted = field(reader, "general.architecture") == "llama"  # llama.cpp permutes Q/K for llama only
+
+    def get(name: str) -> np.ndarray:
+        if name not in by_hf:
+            raise ModelLoadError(f"GGUF file lacks the tensor for {name}")
+        w = dequantize(by_hf[name])
+        if not permuted:
+            return w
+        if ".q_proj." in name:
+            w = unpermute_rope_rows(w, cfg.num_heads)
+        elif ".k_proj." in name:
+            w = unpermute_rope_rows(w, cfg.num_kv_heads)
+        return w
+    return get
+
+
+def load_gguf(path, dtype):
+    """(config, params, tokenizer) from a GGUF file."""
+    from jaxgen.tokenizer import Tokenizer
+
+    reader = open_gguf(path)
+    cfg = config_from_gguf(reader)
+    tokenizer = Tokenizer.from_gguf(reader)
+    try:
+        params = params_from_hf(cfg, hf_tensor_getter(reader, cfg), dtype, desc=f"loading {os.path.basename(path)}")
+    except (ValueError, IndexError) as e:
+        raise ModelLoadError(f"GGUF file {path} is damaged: {e}") from e
+    return cfg, params, tokenizer
