@@ -1,8 +1,14 @@
-"""The public Python API: `jaxgen.load(...) -> LLM`."""
+"""The public Python API: `jaxgen.load(...) -> LLM`, then chat / complete / generate / logits."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
+import json
 import os
+import threading
+import time
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +18,14 @@ from jaxgen.models import llama
 from jaxgen.models.checkpoint import save_checkpoint
 from jaxgen.models.loading import load_model
 
+from jaxgen.sampling import SamplingParams
+
 from .buckets import bucket_for
+from .engine import Admitted, ChoiceUpdate, Engine, EngineConfig, TokenInfo
+from .errors import InvalidRequestError, JaxgenError, NotFoundError
+from .generator import ChatChunker, CompletionChunker, StreamMeta, aggregate_chat, chunks_of, merge_completion
+from .protocol import (ChatCompletionRequest, CompletionRequest, message_text, parse_chat_request,
+                       parse_completion_request)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -22,15 +35,192 @@ def all_logits(params, cfg, tokens, length):
     return llama.lm_logits(params, cfg, hidden)
 
 
-class LLM:
-    """A loaded model with its tokenizer; generation runs through the engine it owns."""
+@dataclasses.dataclass
+class Generation:
+    """One choice of `LLM.generate`: its tokens, text, per-token log-probs and why it ended."""
 
-    def __init__(self, cfg, params, tokenizer, *, model_id: str, path: str | None = None):
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenInfo]
+    finish_reason: str | None
+    prompt_logprobs: list[TokenInfo] | None = None
+
+
+class PromptLog:
+    """Appends one JSON line per request that sets `log_prompt` (and only those)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def record(self, *, request_id: str, user: str | None, model: str, peft: str | None, messages: Any) -> None:
+        """Write {time, id, user, model, peft, messages} as one line."""
+        line = json.dumps({"time": time.time(), "id": request_id, "user": user, "model": model, "peft": peft,
+                           "messages": messages}, ensure_ascii=False)
+        with self.lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+class LLM:
+    """A loaded model with its tokenizer; generation runs through the engine it owns (created on first use)."""
+
+    def __init__(self, cfg, params, tokenizer, *, model_id: str, path: str | None = None,
+                 engine_config: EngineConfig = EngineConfig(), prompt_log: str | None = None):
         self.cfg = cfg
         self.params = params
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.path = path
+        self.engine_config = engine_config
+        self.prompt_log = PromptLog(prompt_log) if prompt_log else None
+        self.adapter_ids: list[str] = []
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine, started on first use."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.cfg, self.params, self.tokenizer, self.engine_config)
+            return self._engine
+
+    def engine_stats(self) -> dict:
+        """Queue depth and slot occupancy."""
+        return self.engine.stats()
+
+    # ---- chat completions
+
+    def chat(self, messages: list[dict], *, stream: bool = False, **fields) -> Iterator[dict] | dict:
+        """Chat completion with every API parameter: an iterator of chunks (stream) or one `chat.completion`."""
+        req = parse_chat_request({"messages": messages, "stream": stream, **fields})
+        meta, handle = self._submit_chat(req, loop=None)
+        chunks = self._closing(chunks_of(handle, ChatChunker(meta, self.tokenizer)), handle)
+        return chunks if req.stream else aggregate_chat(chunks, meta)
+
+    def achat(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+        """Streamed chat chunks as an async iterator; validation errors raise here, before any chunk."""
+        meta, handle = self._submit_chat(req, loop=asyncio.get_running_loop())
+        return self._achunks(handle, ChatChunker(meta, self.tokenizer))
+
+    async def achat_completion(self, req: ChatCompletionRequest) -> dict:
+        """A non-streamed `chat.completion`, awaited."""
+        meta, handle = self._submit_chat(req, loop=asyncio.get_running_loop())
+        return aggregate_chat([c async for c in self._achunks(handle, ChatChunker(meta, self.tokenizer))], meta)
+
+    def _submit_chat(self, req: ChatCompletionRequest, loop):
+        """Resolve the model, render the template, validate and queue; -> (meta, handle)."""
+        self._check_model(req.model, req.peft)
+        messages = template_messages(req)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        prompt = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt)
+        params = req.sampling_params()
+        meta = StreamMeta.new("chatcmpl", self.model_id, params.n, params.logprobs,
+                              include_usage=not req.stream or include_usage(req))
+        handle = self.engine.submit(ids, params, loop)
+        self._log_prompt(req, meta.id, messages)
+        return meta, handle
+
+    # ---- legacy completions
+
+    def complete(self, prompt: str | list[int] | list, *, stream: bool = False, **fields) -> Iterator[dict] | dict:
+        """Legacy text completion (echo, `logprobs: k`, `max_tokens: 0` to score): chunks or one body."""
+        req = parse_completion_request({"prompt": prompt, "stream": stream, **fields})
+        meta, parts = self._submit_completion(req, loop=None)
+        chunks = (c for chunker, handle in parts for c in self._closing(chunks_of(handle, chunker), handle))
+        return chunks if req.stream else merge_completion(chunks, meta, len(parts) * meta.n)
+
+    def acomplete(self, req: CompletionRequest) -> AsyncIterator[dict]:
+        """Streamed legacy chunks as an async iterator; validation errors raise here."""
+        _, parts = self._submit_completion(req, loop=asyncio.get_running_loop())
+        return self._achain(parts)
+
+    async def acompletion(self, req: CompletionRequest) -> dict:
+        """A non-streamed legacy `text_completion`, awaited."""
+        meta, parts = self._submit_completion(req, loop=asyncio.get_running_loop())
+        return merge_completion([c async for c in self._achain(parts)], meta, len(parts) * meta.n)
+
+    def _submit_completion(self, req: CompletionRequest, loop):
+        """Queue every prompt of a legacy request; -> (meta, [(chunker, handle)]), all validated first."""
+        self._check_model(req.model, None)
+        params = req.sampling_params()
+        meta = StreamMeta.new("cmpl", self.model_id, params.n, params.logprobs,
+                              include_usage=not req.stream or include_usage(req))
+        prompts = [(p, self.tokenizer.encode(p)) if isinstance(p, str) else (self.tokenizer.decode(p), list(p))
+                   for p in req.prompt]
+        for _, ids in prompts:
+            params.validate(self.cfg.vocab_size)
+            self.engine.check_fits(len(ids), params)
+        parts = []
+        for i, (text, ids) in enumerate(prompts):
+            chunker = CompletionChunker(meta, self.tokenizer, prompt_text=text, prompt_ids=ids, echo=req.echo,
+                                        top_logprobs=params.top_logprobs if params.logprobs else None,
+                                        index_offset=i * params.n)
+            parts.append((chunker, self.engine.submit(ids, params, loop)))
+        self._log_prompt(req, meta.id, req.prompt)
+        return meta, parts
+
+    async def _achain(self, parts) -> AsyncIterator[dict]:
+        """The chunks of each prompt in turn (all were queued at once, so they decode together)."""
+        try:
+            for chunker, handle in parts:
+                async for chunk in self._achunks(handle, chunker):
+                    yield chunk
+        finally:
+            for _, handle in parts:
+                handle.cancel()
+
+    # ---- notebooks
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 params: SamplingParams | None = None, **fields) -> list[list[Generation]]:
+        """Generate for each prompt (text or token ids), batched; -> per prompt, its n Generations.
+
+        `params` (or keyword fields of SamplingParams) apply to every prompt; default greedy.
+        """
+        params = params or SamplingParams(**{"temperature": 0.0, **fields})
+        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
+        handles = [self.engine.submit(i, params) for i in ids]
+        return [collect_generations(handle, params.n) for handle in handles]
+
+    # ---- shared
+
+    def _check_model(self, model: str | None, peft: str | None) -> None:
+        """404 for a model or adapter this LLM does not serve."""
+        if model not in (None, self.model_id) and model not in self.adapter_ids:
+            raise NotFoundError(f"model {model!r} not found; this server has {self.model_id!r}", param="model")
+        if peft is not None and peft not in self.adapter_ids:
+            raise NotFoundError(f"adapter {peft!r} not found; no LoRA adapters are loaded", param="peft")
+
+    def _log_prompt(self, req, request_id: str, messages) -> None:
+        """Record the prompt only when the request asks (log_prompt) and a prompt log is configured."""
+        if not req.log_prompt:
+            return
+        if self.prompt_log is None:
+            raise InvalidRequestError("log_prompt is true but no prompt log is configured "
+                                      "(start with --prompt-log PATH)", param="log_prompt")
+        self.prompt_log.record(request_id=request_id, user=req.user, model=self.model_id,
+                               peft=getattr(req, "peft", None), messages=messages)
+
+    @staticmethod
+    def _closing(chunks: Iterator[dict], handle) -> Iterator[dict]:
+        """Cancel the request when its consumer stops early (closes or drops the iterator)."""
+        try:
+            yield from chunks
+        finally:
+            handle.cancel()
+
+    @staticmethod
+    async def _achunks(handle, chunker) -> AsyncIterator[dict]:
+        """Async counterpart of `chunks_of`, cancelling the request if the consumer goes away."""
+        try:
+            async for event in handle:
+                for chunk in chunker.on_event(event):
+                    yield chunk
+        finally:
+            handle.cancel()
 
     @property
     def dtype(self):
@@ -52,8 +242,45 @@ class LLM:
         save_checkpoint(directory, self.cfg, self.params, self.tokenizer)
 
 
-def load(model: str | os.PathLike | None = None, *, dtype=None) -> LLM:
+def template_messages(req: ChatCompletionRequest) -> list[dict]:
+    """Messages as the chat template takes them: plain dicts, text parts joined into one string."""
+    out = []
+    for m in req.messages:
+        message = m.model_dump(exclude_none=True)
+        message["content"] = message_text(m.content)
+        out.append(message)
+    return out
+
+
+def include_usage(req) -> bool:
+    """Whether a streamed request asked for the final usage chunk."""
+    return req.stream_options is not None and bool(req.stream_options.include_usage)
+
+
+def collect_generations(handle, n: int) -> list[Generation]:
+    """Drain a request's events into n Generations."""
+    out = [Generation([], "", [], None) for _ in range(n)]
+    prompt_scores = None
+    for event in handle:
+        if isinstance(event, JaxgenError):
+            raise event
+        if isinstance(event, Admitted):
+            prompt_scores = list(event.prompt_scores) if event.prompt_scores is not None else None
+        elif isinstance(event, ChoiceUpdate):
+            g = out[event.index]
+            g.token_ids.extend(t.token_id for t in event.tokens)
+            g.logprobs.extend(event.tokens)
+            g.text += event.text
+            g.finish_reason = event.finish_reason
+    for g in out:
+        g.prompt_logprobs = prompt_scores
+    return out
+
+
+def load(model: str | os.PathLike | None = None, *, dtype=None, engine_config: EngineConfig = EngineConfig(),
+         prompt_log: str | None = None) -> LLM:
     """Load `model` (None: the bundled SmolLM2-135M-Instruct; or a GGUF file, HF directory, jaxgen checkpoint)."""
     cfg, params, tokenizer, path = load_model(model, dtype)
     model_id = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return LLM(cfg, params, tokenizer, model_id=model_id, path=path)
+    return LLM(cfg, params, tokenizer, model_id=model_id, path=path, engine_config=engine_config,
+               prompt_log=prompt_log)

@@ -1,0 +1,82 @@
+"""Command line: `jaxgen [chat] [MESSAGE]` streams an answer; `jaxgen serve` starts the HTTP server."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_MESSAGE = "What is the capital of France? Answer in one sentence."
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model and --dtype, shared by every subcommand."""
+    parser.add_argument("--model", default=None, help="GGUF file, HF directory or jaxgen checkpoint "
+                        "(default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `jaxgen` argument parser."""
+    parser = argparse.ArgumentParser(prog="jaxgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    chat = sub.add_parser("chat", help="stream a greedy answer to one chat message (the default command)")
+    chat.add_argument("message", nargs="?", default=DEFAULT_MESSAGE)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    add_model_args(chat)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-len", type=int, default=2048, help="context length per slot (prompt + output)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429")
+    serve.add_argument("--api-key", default=os.environ.get("JAXGEN_API_KEY"),
+                       help="require this bearer key (default: $JAXGEN_API_KEY; none = open)")
+    serve.add_argument("--prompt-log", default=None, help="file that receives prompts of log_prompt requests")
+    serve.add_argument("--lora", action="append", default=[], metavar="ID=PATH",
+                       help="LoRA adapter to serve (not supported yet: rejected)")
+    serve.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start-up")
+    return parser
+
+
+def run_chat(args) -> int:
+    """Load the model and stream its answer to stdout."""
+    import jaxgen
+
+    llm = jaxgen.load(args.model, dtype=args.dtype)
+    print(f"> {args.message}", flush=True)
+    for chunk in llm.chat([{"role": "user", "content": args.message}], stream=True,
+                          max_tokens=args.max_tokens, temperature=args.temperature):
+        for choice in chunk["choices"]:
+            print(choice["delta"].get("content") or "", end="", flush=True)
+    print()
+    return 0
+
+
+def run_serve(args) -> int:
+    """Load the model, warm the engine up and serve HTTP until interrupted."""
+    if args.lora:
+        print("error: --lora: LoRA adapters are not supported yet", file=sys.stderr)
+        return 2
+    import jaxgen
+    from jaxgen.engine import EngineConfig
+    from jaxgen.server import serve
+
+    config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue)
+    llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log)
+    if not args.no_warmup:
+        print("compiling (warm-up)...", flush=True)
+        llm.engine.warmup()
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `jaxgen` console script and `python -m jaxgen`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("chat", "serve", "-h", "--help"):
+        argv = ["chat", *argv]
+    args = build_parser().parse_args(argv)
+    return run_serve(args) if args.command == "serve" else run_chat(args)
