@@ -143,7 +143,7 @@ class LLM:
 
     def _submit_completion(self, req: CompletionRequest, loop):
         """Queue every prompt of a legacy request; -> (meta, [(chunker, handle)]), all validated first."""
-        self._check_model(req.model, None)
+        self._check_model(req.model, req.peft)
         params = req.sampling_params()
         meta = StreamMeta.new("cmpl", self.model_id, params.n, params.logprobs,
                               include_usage=not req.stream or include_usage(req))
