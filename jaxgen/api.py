@@ -147,17 +147,23 @@ class LLM:
         params = req.sampling_params()
         meta = StreamMeta.new("cmpl", self.model_id, params.n, params.logprobs,
                               include_usage=not req.stream or include_usage(req))
-        prompts = [(p, self.tokenizer.encode(p)) if isinstance(p, str) else (self.tokenizer.decode(p), list(p))
-                   for p in req.prompt]
-        for _, ids in prompts:
-            params.validate(self.cfg.vocab_size)
-            self.engine.check_fits(len(ids), params)
+        params.validate(self.cfg.vocab_size)
+        prompts = []
+        for p in req.prompt:  # every prompt is checked before any is queued
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            self.engine.check_prompt(ids, params, param="prompt")
+            prompts.append((p if isinstance(p, str) else self.tokenizer.decode(ids), ids))
         parts = []
-        for i, (text, ids) in enumerate(prompts):
-            chunker = CompletionChunker(meta, self.tokenizer, prompt_text=text, prompt_ids=ids, echo=req.echo,
-                                        top_logprobs=params.top_logprobs if params.logprobs else None,
-                                        index_offset=i * params.n)
-            parts.append((chunker, self.engine.submit(ids, params, loop)))
+        try:
+            for i, (text, ids) in enumerate(prompts):
+                chunker = CompletionChunker(meta, self.tokenizer, prompt_text=text, prompt_ids=ids, echo=req.echo,
+                                            top_logprobs=params.top_logprobs if params.logprobs else None,
+                                            index_offset=i * params.n)
+                parts.append((chunker, self.engine.submit(ids, params, loop, param="prompt")))
+        except JaxgenError:  # e.g. the queue filled part-way: drop the prompts already queued
+            for _, handle in parts:
+                handle.cancel()
+            raise
         self._log_prompt(req, meta.id, req.prompt)
         return meta, parts
 

@@ -249,10 +249,13 @@ class Engine:
     # ---- public, any thread
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Queue a request; raises InvalidRequestError / QueueFullError at once, never later."""
+               loop: asyncio.AbstractEventLoop | None = None, param: str = "messages") -> RequestHandle:
+        """Queue a request; raises InvalidRequestError / QueueFullError at once, never later.
+
+        `param` names the request field the prompt came from, for error bodies.
+        """
         params.validate(self.cfg.vocab_size)
-        self.check_fits(len(prompt_ids), params)
+        self.check_prompt(prompt_ids, params, param)
         with self.wake:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
@@ -282,15 +285,19 @@ class Engine:
 
     # ---- validation
 
-    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
-        """Reject what can never run: an empty prompt, one that fills the context, more choices than slots."""
+    def check_prompt(self, prompt_ids: Sequence[int], params: SamplingParams, param: str = "messages") -> None:
+        """Reject what can never run: an empty prompt, unknown token ids, a prompt that fills the context,
+        more choices than slots."""
+        prompt_len = len(prompt_ids)
         if prompt_len == 0:
-            raise InvalidRequestError("the prompt is empty", param="messages")
+            raise InvalidRequestError("the prompt is empty", param=param)
+        if not all(0 <= t < self.cfg.vocab_size for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.cfg.vocab_size})", param=param)
         too_long = prompt_len > self.context_limit or (params.max_tokens > 0 and prompt_len >= self.context_limit)
         if too_long:
             raise InvalidRequestError(
                 f"the prompt has {prompt_len} tokens, which fills this model's context of {self.context_limit} "
-                "tokens", param="messages", code="context_length_exceeded")
+                "tokens", param=param, code="context_length_exceeded")
         if params.n > self.config.num_slots:
             raise InvalidRequestError(f"n={params.n} exceeds the engine's {self.config.num_slots} slots", param="n")
 
@@ -359,7 +366,9 @@ class Engine:
         kv, last, scores = prefill_prompt(self.params, jnp.asarray(tokens), jnp.array([len(ids)], jnp.int32),
                                           cfg=self.cfg, score=params.loglikelihood)
         request.handle.deliver(Admitted(len(ids), self._prompt_scores(ids, scores, params)))
-        if not slots:
+        if not slots:  # max_tokens 0: scoring only, every choice ends at once
+            for index in range(params.n):
+                request.handle.deliver(ChoiceUpdate(index, "", (), "length"))
             request.handle.deliver(Done(len(ids), 0))
             return
         for index, slot in enumerate(slots):

@@ -5,21 +5,17 @@ import logging
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
-import threading
-import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from jaxgen.errors import JaxgenError, NotFoundError, QueueFullError
 from jaxgen.protocol import message_text
 from jaxgen.server import create_app
+from server_helpers import metric_values, running, sse_payloads, wait_for
 
 API_KEY = "sk-test"
 VOCAB = 1000
@@ -155,24 +151,6 @@ class ScriptedLLM:
                             for i in range(rows)], "usage": usage}
 
 
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a background thread; yield its base URL."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def llm():
     return ScriptedLLM()
@@ -280,12 +258,6 @@ def test_models_lists_base_and_adapters(client):
 
 def test_health(base_url):
     assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
-
-
-def metric_values(text: str) -> dict:
-    """Prometheus exposition text -> {series: value}."""
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
 
 
 def test_metrics_after_traffic(client, http):
@@ -421,13 +393,6 @@ def test_server_keeps_serving_after_bad_inputs(client):
 
 # --- streaming failures and disconnects ---
 
-def sse_payloads(text: str) -> list:
-    """The data payloads of an SSE body, [DONE] kept as a string."""
-    events = [e for e in text.split("\n\n") if e]
-    assert all(e.startswith("data: ") for e in events)
-    return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
-
-
 def test_wire_format(http):
     r = http.post("/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True}))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -452,14 +417,6 @@ def test_failure_after_200_is_an_error_event_then_done(http):
 def test_openai_client_raises_on_error_event(client):
     with pytest.raises(openai.APIError, match="mid-stream"):
         list(client.chat.completions.create(model="scripted-model", messages=ask("fail midway"), stream=True))
-
-
-def wait_for(predicate, seconds=5.0):
-    """Poll `predicate` until true or `seconds` pass; return its last value."""
-    deadline = time.monotonic() + seconds
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_disconnect_mid_stream_closes_the_llm_iterator(http, llm):
