@@ -118,7 +118,8 @@ class LLM:
         params = req.sampling_params()
         meta = StreamMeta.new("chatcmpl", self.model_id, params.n, params.logprobs,
                               include_usage=not req.stream or include_usage(req))
-        handle = self.engine.submit(ids, params, loop)
+        grammar = self.engine.grammars.compile_response_format(req.response_format)
+        handle = self.engine.submit(ids, params, loop, grammar=grammar)
         self._log_prompt(req, meta.id, messages)
         return meta, handle
 

@@ -9,6 +9,8 @@ tokens take the same path.
 Host side: requests wait in a bounded queue, join as slots free up and leave when done. The
 loop dispatches step t+1 before it reads step t back (JAX dispatch is asynchronous), so the
 detokenizing, stop-string matching and event delivery for step t overlap the device's work.
+While a grammar-constrained choice (response_format) is running, the next step's mask depends on
+the token just sampled, so the loop reads each step back before dispatching the next.
 """
 from __future__ import annotations
 
@@ -196,6 +198,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     handle: RequestHandle
+    grammar: Any = None  # jaxgen.grammar.Grammar constraining every choice, or None
     completion_tokens: int = 0  # summed over choices as they finish
 
 
@@ -209,6 +212,7 @@ class Choice:
     position: int  # where the next dispatched step writes its token (runs ahead of processing by one step)
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
+    matcher: Any = None  # jaxgen.grammar.GrammarMatcher of a constrained choice
     generated: int = 0
     finished: bool = False
 
@@ -233,7 +237,8 @@ class Engine:
         self.context_limit = min(config.max_len, cfg.max_position_embeddings)
         self.dtype = jax.tree.leaves(params)[0].dtype
         self.state = init_decode_state(cfg, config.num_slots, config.max_len, self.dtype)
-        self.bitmask = jnp.asarray(full_bitmask(config.num_slots, cfg.vocab_size))
+        self.bitmask = jnp.asarray(full_bitmask(config.num_slots, cfg.vocab_size))  # every token allowed
+        self.bitmask_rows = full_bitmask(config.num_slots, cfg.vocab_size)  # host rows, filled by matchers
         eos = np.zeros(cfg.vocab_size, np.bool_)
         eos[[t for t in tokenizer.eos_token_ids if t < cfg.vocab_size]] = True
         self.eos_mask = jnp.asarray(eos)
@@ -249,10 +254,12 @@ class Engine:
     # ---- public, any thread
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop | None = None, param: str = "messages") -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None = None, param: str = "messages",
+               grammar=None) -> RequestHandle:
         """Queue a request; raises InvalidRequestError / QueueFullError at once, never later.
 
-        `param` names the request field the prompt came from, for error bodies.
+        `param` names the request field the prompt came from, for error bodies; `grammar` (from
+        `grammars.compile_response_format`) constrains every choice.
         """
         params.validate(self.cfg.vocab_size)
         self.check_prompt(prompt_ids, params, param)
@@ -260,9 +267,15 @@ class Engine:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             handle = RequestHandle(next(self.request_ids), loop)
-            self.waiting.append(Request(list(prompt_ids), params, handle))
+            self.waiting.append(Request(list(prompt_ids), params, handle, grammar))
             self.wake.notify()
         return handle
+
+    @functools.cached_property
+    def grammars(self):
+        """The grammar compiler for this tokenizer (built on first use: ~0.1 s)."""
+        from .grammar import GrammarCompiler
+        return GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
 
     def stats(self) -> dict:
         """Queue depth and slot occupancy, for /metrics."""
@@ -316,6 +329,10 @@ class Engine:
                         if not self.waiting:
                             self.wake.wait()
                     continue
+                if in_flight is not None and self._constrained():  # masks need step t's tokens first
+                    self._process(*in_flight)
+                    in_flight = None
+                    continue
                 next_flight = self._dispatch()
                 if in_flight is not None:
                     self._process(*in_flight)
@@ -331,12 +348,17 @@ class Engine:
         self.choices = [None] * self.config.num_slots
         self.state = init_decode_state(self.cfg, self.config.num_slots, self.config.max_len, self.dtype)
 
+    def _constrained(self) -> bool:
+        """Whether any running choice follows a grammar."""
+        return any(c is not None and c.matcher is not None for c in self.choices)
+
     def _dispatch(self):
         """Launch one decode step over all slots; returns (packed outputs, who occupied each slot)."""
         active = [c for c in self.choices if c is not None]
         needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
         kv_len = bucket_for(max(needed, MIN_KV_BUCKET), self.config.max_len)
-        self.state, packed = decode_step(self.params, self.state, self.bitmask, self.eos_mask, cfg=self.cfg,
+        bitmask = jnp.asarray(self.bitmask_rows) if self._constrained() else self.bitmask
+        self.state, packed = decode_step(self.params, self.state, bitmask, self.eos_mask, cfg=self.cfg,
                                          kv_len=kv_len)
         for c in active:
             c.position += 1
@@ -375,8 +397,12 @@ class Engine:
             key = row_key(params.seed, index, self.key_data, request.handle.request_id)
             row = make_row(params, ids, key, self.cfg.vocab_size)
             self.state = insert_choice(self.state, kv, last, jnp.int32(slot), jnp.int32(len(ids)), row)
-            self.choices[slot] = Choice(request, index, slot, len(ids), IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
-                                        StopStringMatcher(params.stop))
+            matcher = request.grammar.matcher() if request.grammar is not None else None
+            if matcher is not None:
+                matcher.fill_bitmask(self.bitmask_rows[slot])
+            detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+            self.choices[slot] = Choice(request, index, slot, len(ids), detokenizer, StopStringMatcher(params.stop),
+                                        matcher)
 
     def _prompt_scores(self, ids, scores, params: SamplingParams) -> tuple[TokenInfo, ...] | None:
         """TokenInfo for prompt tokens 1..T-1, top alternatives trimmed to top_logprobs."""
@@ -403,11 +429,16 @@ class Engine:
         """Apply SPEC's stop conditions to one new token and say what text it releases."""
         params = choice.request.params
         choice.generated += 1
-        if info.token_id in self.eos_ids and not params.ignore_eos:
+        if info.token_id in self.eos_ids and (not params.ignore_eos or choice.matcher is not None):
             return ChoiceUpdate(choice.index, self._flush(choice), (), "stop")
         text, stopped = choice.stops.feed(choice.detokenizer.add(info.token_id))
         if stopped:
             return ChoiceUpdate(choice.index, text, (info,), "stop")
+        if choice.matcher is not None:
+            choice.matcher.consume(info.token_id)
+            if choice.matcher.is_complete():  # only EOS may follow: end now rather than sample it
+                return ChoiceUpdate(choice.index, text + self._flush(choice), (info,), "stop")
+            choice.matcher.fill_bitmask(self.bitmask_rows[choice.slot])
         if choice.generated >= params.max_tokens or len(choice.request.prompt_ids) + choice.generated >= self.context_limit:
             return ChoiceUpdate(choice.index, text + self._flush(choice), (info,), "length")
         return ChoiceUpdate(choice.index, text, (info,))
@@ -422,6 +453,7 @@ class Engine:
         """Free the choice's slot; when it was the request's last, deliver Done."""
         choice.finished = True
         self.choices[choice.slot] = None
+        self.bitmask_rows[choice.slot] = -1
         self.state = release_slot(self.state, jnp.int32(choice.slot))
         request = choice.request
         request.completion_tokens += choice.generated

@@ -271,7 +271,7 @@ class ChatCompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _tools_and_formats(self) -> ChatCompletionRequest:
-        """tool_choice consistent with tools; then reject what the engine cannot do yet."""
+        """tool_choice consistent with tools; then reject tool calling, which the engine cannot do yet."""
         choice = self.tool_choice
         if choice not in (None, "none") and not self.tools:
             raise InvalidRequestError("tool_choice other than 'none' requires tools", param="tool_choice")
@@ -282,10 +282,6 @@ class ChatCompletionRequest(_Request):
             raise InvalidRequestError(
                 "Tool calling is not supported yet: send tool_choice 'none' to only show the tools to the "
                 "model through the chat template", param="tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format type {self.response_format.type!r} is not supported yet (constrained decoding "
-                "is not implemented); use 'text'", param="response_format")
         return self
 
     @property

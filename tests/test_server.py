@@ -297,7 +297,7 @@ BAD = [  # (body as bytes or JSON, expected status, expected param)
     (chat(temperature="0.5"), 400, "temperature"), (chat(stop=5), 400, "stop"),
     (chat(logit_bias={"x": 1}), 400, "logit_bias"),
     (chat(stream_options={"include_usage": True}), 400, "stream_options"),
-    (chat(response_format={"type": "json_object"}), 400, "response_format"),
+    (chat(response_format={"type": "xml"}), 400, "response_format"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tool_choice"),
     (chat(tool_choice="auto"), 400, "tool_choice"),
     # ranges, checked by SamplingParams.validate at submission

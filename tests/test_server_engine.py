@@ -472,8 +472,8 @@ BAD = [  # (id, path, body (bytes or JSON), status, param, code)
     ("unknown peft", C, chat(peft="nope"), 404, "peft", None),
     ("unknown peft, stream", C, chat(peft="nope", stream=True), 404, "peft", None),
     # formats, tools, stream_options
-    ("json_object", C, chat(response_format={"type": "json_object"}), 400, "response_format", None),
-    ("json_schema", C, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("uncompilable schema", C, chat(response_format={"type": "json_schema",
+                                                      "json_schema": {"name": "x", "schema": {"not": {}}}}),
      400, "response_format", None),
     ("format type", C, chat(response_format={"type": "xml"}), 400, "response_format", None),
     ("stream_options without stream", C, chat(stream_options={"include_usage": True}), 400, "stream_options",

@@ -1,0 +1,308 @@
+"""Constrained decoding: JSON-schema grammars compiled by llguidance, token masks for the sampler.
+
+Host side only. The engine owns one `GrammarCompiler` per model; a request with a
+`response_format` (or, later, a forced tool call) gets one `Grammar` (compiled before the request
+is queued, so a bad schema is a 400 before streaming starts), shared by its n choices; every
+choice gets its own `GrammarMatcher`, advanced token by token:
+
+    grammar = compiler.compile_response_format(request.response_format)   # None: unconstrained
+    matcher = grammar.matcher()                 # per choice, at insert
+    each step, for each constrained slot:
+        matcher.fill_bitmask(bitmask[slot])     # BEFORE dispatching the step that samples the slot's
+                                                # next token -- the first generated token included
+        token = <that step's sampled token, read back>
+        matcher.consume(token)                  # EOS ids included; JaxgenError (500) if the grammar rejects it
+        if matcher.is_complete(): finish the choice (finish_reason "stop"); its next mask would be EOS only
+
+The mask for step t+1 depends on the token of step t, so while a constrained slot is active the
+engine cannot dispatch step t+1 before reading step t back (the overlap of DESIGN.md): it reads
+step t's tokens, consumes them, fills the masks, then dispatches. Unconstrained rows keep all ones
+(`full_bitmask`). Finish a choice as soon as `is_complete()` rather than by sampling the forced EOS:
+its EOS-only row meets `min_tokens`/`ignore_eos` EOS blocking (or a -inf `logit_bias`) as a row with
+no finite logit. When max_tokens ends a choice first, its text is truncated JSON (finish "length").
+
+Rows are packed int32 `[ceil(V/32)]`: token t allowed iff bit t % 32 of word t // 32 is set
+(`jaxgen.sampling.sampler.unpack_bitmask`), V being the MODEL's vocabulary (embedding rows). Ids
+the tokenizer does not have (V > tokenizer vocab) are never allowed; when V < tokenizer vocab,
+llguidance only sees ids < V, so a mask never relies on a token the model cannot produce.
+
+The mask may be stricter than `consume`: where the grammar forces text (`{"name":`), llguidance
+allows only that text's canonical tokenization (`{"` but not `{`), while `consume` accepts any
+tokens that spell valid output. Every token the mask allows is accepted by `consume`.
+
+How llguidance sees our tokenizer: not through a tokenizer.json, but as a list of token bytes
+(`Tokenizer.token_bytes`, exactly what the detokenizer emits), so byte-level BPE and sentencepiece
+vocabularies (`▁` = space, `<0xNN>` byte pieces) are supported alike. Special tokens (control
+tokens and every EOS id) are marked special, so a grammar never spells them out as text. llguidance
+knows one EOS id; the others (e.g. SmolLM2's <|endoftext|> besides <|im_end|>) are allowed wherever
+it allows its own, and consumed as it.
+
+Whitespace: JSON is compact (`{"a":1,"b":[2,3]}`: no whitespace outside strings, item separator
+",", key separator ":", nothing before the value). A small model left free to emit whitespace can
+wander in it (newlines, indentation) until max_tokens; compact output is also the shortest. A
+client cannot change this: the top-level "x-guidance" key of its schema (llguidance's option
+block) is dropped, and the options are fixed so that every output validates against the schema:
+no `lenient` mode (an unsupported keyword is a 400, never silently ignored) and no `coerce_one_of`
+(`oneOf` is a 400: anyOf-coerced output might match several branches and so fail validation).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+import numpy as np
+
+from jaxgen.errors import InvalidRequestError, JaxgenError
+
+if TYPE_CHECKING:
+    from jaxgen.tokenizer import Tokenizer
+
+__all__ = ["GrammarCompiler", "Grammar", "GrammarMatcher", "JSON_OPTIONS"]
+
+# llguidance JSON compile options, applied as overrides (see the module docstring).
+JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": ",",
+    "key_separator": ":",
+    "lenient": False,
+    "coerce_one_of": False,
+}
+_ANY_OBJECT = {"type": "object"}
+_MAX_REASON_CHARS = 500
+
+
+class _TokenizerView:
+    """What `llguidance.LLTokenizer` reads from a Python tokenizer (the `TokenizerWrapper` protocol):
+    each id's bytes, the special ids, one EOS id, and a text -> ids function.
+
+    llguidance calls the function on text the grammar forces (e.g. `{"name":`) to allow only the
+    canonical tokenization of it. Its answer must spell exactly that text in ordinary tokens; when our
+    encoder's does not (a sentencepiece dummy-prefix space, a normalizer, special-token text such as
+    "<|im_end|>" inside a JSON string, which our encoder turns into the special id), a greedy
+    longest-match over the ordinary tokens is used instead.
+    """
+
+    is_tokenizer_wrapper = True
+
+    def __init__(self, tokenizer: Tokenizer, tokens: list[bytes], special: Sequence[int], eos: int):
+        self.tokens = tokens
+        self.special_token_ids = list(special)
+        self.eos_token_id = eos
+        self.bos_token_id = tokenizer.bos_token_id
+        self._tokenizer = tokenizer
+        self._special = frozenset(special)
+        self._by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(tokens):
+            if b and i not in self._special:
+                self._by_bytes.setdefault(b, i)
+        self._max_len = max(map(len, self._by_bytes), default=1)
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        data = text if isinstance(text, bytes) else text.encode()
+        try:
+            ids = self._tokenizer.encode(data.decode("utf-8", "replace"))
+        except Exception:  # never let an exception cross into llguidance's Rust callback
+            ids = None
+        if ids is not None and all(0 <= i < len(self.tokens) and i not in self._special for i in ids) \
+                and b"".join(self.tokens[i] for i in ids) == data:
+            return ids
+        return self._greedy(data)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        """Longest-match tokenization over the (non-special) vocabulary; bytes no token starts with are skipped."""
+        ids, i = [], 0
+        while i < len(data):
+            for n in range(min(self._max_len, len(data) - i), 0, -1):
+                tid = self._by_bytes.get(data[i:i + n])
+                if tid is not None:
+                    ids.append(tid)
+                    i += n
+                    break
+            else:
+                i += 1
+        return ids
+
+
+class GrammarCompiler:
+    """Compiles response formats and JSON schemas for one tokenizer and model vocabulary size.
+
+    Building the llguidance tokenizer (a trie of every token's bytes) takes ~0.2 s: do it once
+    per model. Compiled grammars are cached by their schema's JSON text (an LRU of `cache_size`).
+    Thread-safe.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, cache_size: int = 64):
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.tokenizer = tokenizer
+        self.vocab_size = int(vocab_size)
+        self.tokenizer_vocab_size = tokenizer.vocab_size
+        # llguidance sees the ids both the model can produce and the tokenizer knows (a model whose
+        # embedding is narrower than the tokenizer never gets a mask that only its missing ids satisfy).
+        self.usable_vocab_size = n = min(tokenizer.vocab_size, self.vocab_size)
+        self.num_words = (self.vocab_size + 31) // 32  # words in a row the engine hands us
+        self._ll_words = (n + 31) // 32  # leading words llguidance writes; the rest are zero
+        self.eos_token_ids = tuple(sorted(i for i in tokenizer.eos_token_ids if 0 <= i < n))
+        self._unsupported: str | None = None
+        if not self.eos_token_ids:
+            self._unsupported = "the model's tokenizer has no EOS token"
+        main = tokenizer.eos_token_id
+        self._ll_eos = main if main in self.eos_token_ids else (self.eos_token_ids or (0,))[0]
+        tokens = [tokenizer.token_bytes(i) for i in range(n)]
+        special = sorted(i for i in set(tokenizer.special_token_ids) | set(self.eos_token_ids) if i < n)
+        self._view = _TokenizerView(tokenizer, tokens, special, self._ll_eos)
+        self._ll_tokenizer = llguidance.LLTokenizer(self._view)
+        if self._ll_tokenizer.vocab_size != n:
+            raise JaxgenError(f"llguidance sees {self._ll_tokenizer.vocab_size} tokens, expected {n}")
+        # The other EOS ids, as (word, int32 bits) to OR in wherever llguidance allows its own.
+        words: dict[int, int] = collections.defaultdict(int)
+        for i in self.eos_token_ids:
+            if i != self._ll_eos:
+                words[i >> 5] |= 1 << (i & 31)
+        self._extra_eos = [(w, np.uint32(b).view(np.int32)) for w, b in sorted(words.items())]
+        self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    # ---- compiling ----------------------------------------------------------------------------
+
+    def compile_response_format(self, response_format: Any) -> Grammar | None:
+        """The grammar a chat request's `response_format` asks for; None for plain text.
+
+        `{"type": "text"}` -> None; `{"type": "json_object"}` -> any JSON object, or with OctoAI's
+        `"schema": {...}` that schema; `{"type": "json_schema", "json_schema": {"name", "schema",
+        "strict"}}` -> that schema (always enforced, whatever `strict` says).
+        """
+        param = "response_format"
+        if response_format is None:
+            return None
+        if hasattr(response_format, "model_dump"):  # a pydantic request model: its JSON form
+            response_format = response_format.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if not isinstance(response_format, Mapping):
+            raise InvalidRequestError("response_format must be an object", param=param)
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema = response_format.get("schema")
+            return self.compile_json_schema(_ANY_OBJECT if schema is None else schema, param)
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, Mapping):
+                raise InvalidRequestError("response_format.json_schema must be an object", param=param)
+            if "schema" not in spec or spec["schema"] is None:
+                raise InvalidRequestError("response_format.json_schema.schema is required", param=param)
+            return self.compile_json_schema(spec["schema"], param)
+        raise InvalidRequestError(
+            f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=param)
+
+    def compile_json_schema(self, schema: Any, param: str) -> Grammar:
+        """A grammar for JSON values valid under `schema`; InvalidRequestError(param=param) when
+        llguidance cannot compile it (invalid, unsatisfiable, or using an unsupported keyword)."""
+        if self._unsupported is not None:
+            raise InvalidRequestError(f"{param} is not supported for this model: {self._unsupported}", param=param)
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, Mapping):
+            raise InvalidRequestError(f"the JSON schema in {param} must be an object", param=param)
+        schema = {k: v for k, v in schema.items() if k != "x-guidance"}
+        try:
+            key = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError(f"the JSON schema in {param} is not valid JSON: {e}", param=param) from e
+        with self._lock:
+            grammar = self._cache.get(key)
+            if grammar is not None:
+                self._cache.move_to_end(key)
+                return grammar
+        grammar = self._compile(key, param)  # outside the lock: llguidance drops the GIL while compiling
+        with self._lock:
+            self._cache[key] = grammar
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def _compile(self, schema_json: str, param: str) -> Grammar:
+        try:
+            source = llguidance.LLMatcher.grammar_from_json_schema(schema_json, overrides=JSON_OPTIONS)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(f"invalid JSON schema in {param}: {_reason(e)}", param=param) from e
+        template = llguidance.LLMatcher(self._ll_tokenizer, source, log_level=0)
+        if template.is_error():
+            raise InvalidRequestError(f"invalid JSON schema in {param}: {_reason(template.get_error())}", param=param)
+        return Grammar(self, schema_json, template)
+
+
+def _reason(error: Any) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "..."
+
+
+class Grammar:
+    """A compiled grammar (immutable): makes one `GrammarMatcher` per choice."""
+
+    def __init__(self, compiler: GrammarCompiler, schema_json: str, template: llguidance.LLMatcher):
+        self.compiler = compiler
+        self.schema_json = schema_json  # the schema as compiled (client "x-guidance" dropped)
+        self._template = template  # never advanced; copied for each matcher (~1 µs)
+
+    def matcher(self) -> GrammarMatcher:
+        return GrammarMatcher(self.compiler, self._template.deep_copy())
+
+    def __repr__(self) -> str:
+        text = self.schema_json if len(self.schema_json) <= 80 else self.schema_json[:77] + "..."
+        return f"Grammar({text})"
+
+
+class GrammarMatcher:
+    """The state of one choice's output in the grammar. Not thread-safe (one choice, one thread)."""
+
+    def __init__(self, compiler: GrammarCompiler, matcher: llguidance.LLMatcher):
+        self._c = compiler
+        self._m = matcher
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        """Write the allowed next tokens into `row` (int32[ceil(V/32)], C-contiguous, e.g. `bitmask[slot]`).
+
+        When the output is complete, exactly the EOS ids; ids >= the tokenizer's vocabulary (or >= V)
+        never. Does not advance the matcher; calling it twice gives the same row.
+        """
+        c = self._c
+        if row.dtype != np.int32 or row.shape != (c.num_words,) or not row.flags.c_contiguous:
+            raise ValueError(f"bitmask row must be C-contiguous int32[{c.num_words}], got "
+                             f"{row.dtype}{list(row.shape)}")
+        m = self._m
+        m.unsafe_compute_mask_ptr(row.ctypes.data, c._ll_words * 4)
+        row[c._ll_words:] = 0
+        if m.is_error():
+            raise JaxgenError(f"grammar matcher failed: {_reason(m.get_error())}")
+        eos = c._ll_eos
+        if c._extra_eos and (row[eos >> 5] >> (eos & 31)) & 1:
+            for word, bits in c._extra_eos:
+                row[word] |= bits
+
+    def consume(self, token_id: int) -> None:
+        """Advance by the sampled token (an EOS id ends the match). JaxgenError (500) if it was not allowed."""
+        c, m = self._c, self._m
+        token_id = int(token_id)
+        target = c._ll_eos if token_id in c.eos_token_ids else token_id
+        if not 0 <= token_id < c.usable_vocab_size or not m.consume_token(target):
+            raise JaxgenError(f"the grammar does not allow token {token_id} here "
+                              f"({_reason(m.get_error()) or 'outside the vocabulary'})")
+
+    def is_complete(self) -> bool:
+        """The output so far is a complete match and nothing but EOS may follow."""
+        return self._m.is_stopped() and not self._m.is_error()
+
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (more tokens may still be allowed, e.g. digits of a number)."""
+        return self._m.is_accepting()
+
+    def copy(self) -> GrammarMatcher:
+        """An independent matcher in the same state."""
+        return GrammarMatcher(self._c, self._m.deep_copy())
