@@ -239,6 +239,8 @@ class LLM:
         ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         if ids.size == 0:
             raise ValueError("token_ids is empty")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
         padded = np.zeros((1, bucket_for(ids.size, self.cfg.max_position_embeddings)), np.int32)
         padded[0, : ids.size] = ids
         out = all_logits(self.params, self.cfg, jnp.asarray(padded), jnp.array([ids.size], jnp.int32))

@@ -81,7 +81,7 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, *, cfg, kv_len: i
     """Sample every slot's next token, then run the model on it: -> (state', packed outputs)."""
     out, sampler = sample(state.logits, state.sampler, bitmask, eos_mask)
     logits, cache = llama.decode(params, cfg, state.cache, out.tokens, state.positions, kv_len)
-    last = state.cache["k"][0].shape[1] - 1  # finished rows may step once past the end: clamp, never read
+    last = state.cache["k"][0].shape[-1] - 1  # finished rows may step once past the end: clamp, never read
     new = state.replace(cache=cache, sampler=sampler, logits=logits,
                         positions=jnp.minimum(state.positions + 1, last))
     return new, pack_output(out)

@@ -24,6 +24,19 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+def reject_unsupported_hf(hf: Mapping[str, Any], model_type: str) -> None:
+    """Refuse config features the model does not implement, rather than load wrong logits."""
+    unsupported = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "mlp_bias": bool(hf.get("mlp_bias", False)),
+        "attention_bias (o_proj bias)": model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        "use_sliding_window (Qwen2 per-layer windows)": model_type == "qwen2" and bool(hf.get("use_sliding_window")),
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise ModelLoadError(f"unsupported {model_type} config feature(s): {', '.join(found)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and hyper-parameters of a Llama-family decoder; hashable so jit can take it as static."""
@@ -68,8 +81,10 @@ class ModelConfig:
                 rope_type=rope_type, factor=float(rope.get("factor", 1.0)),
                 low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
                 high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)))
-        use_window = hf.get("use_sliding_window", model_type == "mistral")
+                original_max_position_embeddings=int(rope.get("original_max_position_embeddings")
+                                                     or hf.get("max_position_embeddings", 2048)))
+        reject_unsupported_hf(hf, model_type)
+        use_window = model_type == "mistral"
         return cls(
             architecture=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
@@ -78,7 +93,7 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            attention_bias=model_type == "qwen2",
             sliding_window=hf.get("sliding_window") if use_window else None)
 
     def to_dict(self) -> dict:

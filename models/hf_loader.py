@@ -23,18 +23,29 @@ def read_hf_config(directory: str) -> ModelConfig:
         return ModelConfig.from_hf(json.load(f))
 
 
+def open_safetensors(path: str):
+    """A safetensors handle (JAX arrays, so bfloat16 works), or a ModelLoadError naming a damaged file."""
+    try:
+        return safe_open(path, framework="flax")
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
 def safetensors_getter(directory: str):
     """`get(name) -> float32 numpy` across every shard; bfloat16 tensors are read through JAX arrays."""
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise ModelLoadError(f"no *.safetensors files in {directory} (PyTorch .bin checkpoints are not supported)")
-    handles = [safe_open(f, framework="flax") for f in files]
+    handles = [open_safetensors(f) for f in files]
     where = {name: h for h in handles for name in h.keys()}
 
     def get(name: str) -> np.ndarray:
         if name not in where:
             raise ModelLoadError(f"checkpoint in {directory} lacks tensor {name}")
-        return np.asarray(where[name].get_tensor(name), dtype=np.float32)
+        try:
+            return np.asarray(where[name].get_tensor(name), dtype=np.float32)
+        except Exception as e:  # a shard cut short after its header
+            raise ModelLoadError(f"cannot read tensor {name} in {directory}: {e}") from e
     return get
 
 

@@ -8,7 +8,10 @@ so each layer runs two big matmuls instead of five):
 The layer list is a Python loop that jit traces once (unrolled): on XLA CPU this is ~1.7x faster
 than `lax.scan` over stacked weights at batch 1, which copies each layer's slice.
 
-KV cache: {"k": [L × [S, T_max, KVH, Dh]], "v": same}, one row per batch slot.
+KV cache, one row per batch slot: {"k": L × [S, KVH, Dh, T_max] (keys stored transposed),
+"v": L × [S, KVH, T_max, Dh]}. Head-major, keys pre-transposed: both attention matmuls of a decode
+step then read their operands in place; the token-major layout made XLA CPU copy (transpose) the
+whole attended cache every step, 1.8-2.4x slower attention at 8 slots × 512 positions.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 from .config import ModelConfig
 
 Params = dict[str, Any]
+MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
 Cache = dict[str, list[jax.Array]]
 
 
@@ -61,7 +65,7 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, tq, cfg.num_kv_heads, groups, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
-    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, tq, cfg.num_heads * dh)
@@ -114,6 +118,16 @@ def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Ar
     return {"k": ks, "v": vs}, x
 
 
+def attend_cached(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Decode attention: q [S, H, Dh] over k_t [S, KVH, Dh, L], v [S, KVH, L, Dh], mask [S, L] -> [S, H·Dh]."""
+    s, _, dh = q.shape
+    q = q.reshape(s, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, dh)
+    scores = jnp.einsum("skgd,skdl->skgl", q, k_t, preferred_element_type=jnp.float32) / np.sqrt(dh)
+    scores = jnp.where(mask[:, None, None, :], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("skgl,skld->skgd", probs, v).reshape(s, cfg.num_heads * dh)
+
+
 def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array,
            kv_len: int):
     """One token per slot: tokens, positions [S] -> (float32 logits [S, V], cache with their K/V written).
@@ -125,14 +139,15 @@ def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, po
     rows = jnp.arange(s)
     cos, sin = rope_tables(cfg, positions[:, None])
     k_pos = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (s, kv_len))
-    mask = attention_mask(cfg, positions[:, None], k_pos, k_pos <= positions[:, None])
+    mask = attention_mask(cfg, positions[:, None], k_pos, k_pos <= positions[:, None])[:, 0]
     x = params["embed"][tokens][:, None, :]
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
         q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), cos, sin)
-        k_cache = k_cache.at[rows, positions].set(k[:, 0])
-        v_cache = v_cache.at[rows, positions].set(v[:, 0])
-        x = x + attend(cfg, q, k_cache[:, :kv_len], v_cache[:, :kv_len], mask) @ layer["wo"]
+        k_cache = k_cache.at[rows, :, :, positions].set(k[:, 0])  # [S, KVH, Dh] into column `position`
+        v_cache = v_cache.at[rows, :, positions].set(v[:, 0])
+        attn = attend_cached(cfg, q[:, 0], k_cache[..., :kv_len], v_cache[:, :, :kv_len], mask)
+        x = x + (attn @ layer["wo"])[:, None, :]
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
         new_k.append(k_cache)
         new_v.append(v_cache)
@@ -140,18 +155,18 @@ def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, po
 
 
 def init_cache(cfg: ModelConfig, num_slots: int, max_len: int, dtype) -> Cache:
-    """Zeroed KV cache for `num_slots` rows of `max_len` positions."""
-    shape = (num_slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-            "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]}
+    """Zeroed KV cache for `num_slots` rows of `max_len` positions (layout in the module docstring)."""
+    kvh, dh = cfg.num_kv_heads, cfg.head_dim
+    return {"k": [jnp.zeros((num_slots, kvh, dh, max_len), dtype) for _ in range(cfg.num_layers)],
+            "v": [jnp.zeros((num_slots, kvh, max_len, dh), dtype) for _ in range(cfg.num_layers)]}
 
 
 def insert(cache: Cache, kv: Cache, row: int, slot: jax.Array) -> Cache:
     """Copy prefill row `row` of kv (L × [B, T, KVH, Dh]) into cache slot `slot` at positions [0, T)."""
     def put(dst, src):
-        return jax.lax.dynamic_update_slice(dst, src[row:row + 1], (slot, 0, 0, 0))
-    return {"k": [put(d, s) for d, s in zip(cache["k"], kv["k"])],
-            "v": [put(d, s) for d, s in zip(cache["v"], kv["v"])]}
+        return jax.lax.dynamic_update_slice(dst, src[None].astype(dst.dtype), (slot, 0, 0, 0))
+    return {"k": [put(d, s[row].transpose(1, 2, 0)) for d, s in zip(cache["k"], kv["k"])],
+            "v": [put(d, s[row].transpose(1, 0, 2)) for d, s in zip(cache["v"], kv["v"])]}
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

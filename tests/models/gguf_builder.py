@@ -1,0 +1,133 @@
+"""Write small GGUF files the way llama.cpp's convert_hf_to_gguf.py does, from a tiny HF model directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+Q = gguf.GGMLQuantizationType
+
+
+def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute: rotate-half rows -> interleaved pairs, per head."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def hf_to_gguf_name(name: str) -> str:
+    """HF tensor name -> GGUF tensor name."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")  # model.layers.{i}.<module>.<proj>.<weight|bias>
+    i, rest = parts[2], ".".join(parts[3:])
+    table = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    if rest in table:
+        return f"blk.{i}.{table[rest]}"
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{i}.{table[module]}.{kind}"
+
+
+def quantized(w: np.ndarray, qtype) -> np.ndarray:
+    """What a reader dequantizes back from `w` stored as `qtype` (float32)."""
+    if qtype == Q.F32:
+        return w.astype(np.float32)
+    return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).astype(np.float32)
+
+
+def default_qtype(name: str, w: np.ndarray):
+    """A mix of types so every one is exercised: 1-D tensors F32; matrices Q8_0, Q4_1 or F32 by role."""
+    if w.ndim == 1:
+        return Q.F32
+    if any(k in name for k in ("q_proj", "up_proj", "embed_tokens", "o_proj")):
+        return Q.Q8_0
+    if any(k in name for k in ("k_proj", "gate_proj", "lm_head")):
+        return Q.Q4_1
+    return Q.F32
+
+
+def write_gguf(hf_dir: Path, path: Path, *, arch: str | None = None, qtype=default_qtype,
+               with_tokenizer: bool = True, extra=None, drop=()) -> dict[str, np.ndarray]:
+    """Convert the tiny HF model in `hf_dir` to a GGUF file at `path`, as llama.cpp's converter would.
+
+    `qtype(hf_name, array)` picks each tensor's type. Returns the weights a correct reader must
+    produce, by HF name (dequantized, in HF's row order). `extra(writer)` may add metadata; tensors
+    named in `drop` (HF names) are left out.
+    """
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = arch or config["model_type"]
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    if with_tokenizer:
+        add_tokenizer(writer, hf_dir)
+    if extra:
+        extra(writer)
+
+    expected = {}
+    for name, w in sorted(tensors.items()):
+        if name in drop:
+            continue
+        w = w.astype(np.float32)
+        t = qtype(name, w)
+        expected[name] = quantized(w, t)  # quantization blocks lie within rows: row order does not matter
+        if arch == "llama" and ".q_proj." in name:
+            w = permute(w, heads, heads)
+        elif arch == "llama" and ".k_proj." in name:
+            w = permute(w, heads, kv_heads)
+        data = w if t == Q.F32 else gguf.quants.quantize(w, t)
+        writer.add_tensor(hf_to_gguf_name(name), data, raw_dtype=None if t == Q.F32 else t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
+    """Byte-level BPE metadata (tokens, types, merges, special ids, chat template) from tokenizer.json."""
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tok_config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    vocab = tok["model"]["vocab"]
+    for added in tok["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    special = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    ids = {t: i for i, t in enumerate(tokens)}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ids[tok_config["bos_token"]])
+    writer.add_eos_token_id(ids[tok_config["eos_token"]])
+    writer.add_unk_token_id(ids[tok_config["unk_token"]])
+    writer.add_pad_token_id(ids[tok_config["pad_token"]])
+    writer.add_add_bos_token(False)
+    if "chat_template" in tok_config:
+        writer.add_chat_template(tok_config["chat_template"])
