@@ -76,14 +76,28 @@ def unpack_output(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return ids[:, 0], packed[:, 1], ids[:, 2:2 + k], packed[:, 2 + k:]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("state",))
-def decode_step(params, state: DecodeState, bitmask, eos_mask, *, cfg, kv_len: int):
-    """Sample every slot's next token, then run the model on it: -> (state', packed outputs)."""
-    out, sampler = sample(state.logits, state.sampler, bitmask, eos_mask)
-    logits, cache = llama.decode(params, cfg, state.cache, out.tokens, state.positions, kv_len)
+def head_rows(tree, rows: int):
+    """The first `rows` rows of every array in `tree`."""
+    return jax.tree.map(lambda x: x[:rows], tree)
+
+
+def put_head_rows(tree, head, rows: int):
+    """`tree` with its first `rows` rows replaced by `head` (in place when donated)."""
+    return jax.tree.map(lambda x, h: x.at[:rows].set(h), tree, head)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "rows"), donate_argnames=("state",))
+def decode_step(params, state: DecodeState, bitmask, eos_mask, *, cfg, kv_len: int, rows: int):
+    """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
+
+    `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing.
+    """
+    out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
+    logits, cache = llama.decode(params, cfg, state.cache, out.tokens, state.positions[:rows], kv_len)
     last = state.cache["k"][0].shape[-1] - 1  # finished rows may step once past the end: clamp, never read
-    new = state.replace(cache=cache, sampler=sampler, logits=logits,
-                        positions=jnp.minimum(state.positions + 1, last))
+    new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
+                        logits=state.logits.at[:rows].set(logits),
+                        positions=state.positions.at[:rows].set(jnp.minimum(state.positions[:rows] + 1, last)))
     return new, pack_output(out)
 
 
@@ -292,8 +306,9 @@ class Engine:
                 for _ in handle:
                     pass
         for kv_len in all_buckets(self.config.max_len, MIN_KV_BUCKET):
-            self.state, _ = decode_step(self.params, self.state, self.bitmask, self.eos_mask, cfg=self.cfg,
-                                        kv_len=kv_len)
+            for rows in row_buckets(self.config.num_slots):
+                self.state, _ = decode_step(self.params, self.state, self.bitmask, self.eos_mask, cfg=self.cfg,
+                                            kv_len=kv_len, rows=rows)
         self.state = release_slot(self.state, jnp.int32(0))
 
     # ---- validation
@@ -357,12 +372,13 @@ class Engine:
         active = [c for c in self.choices if c is not None]
         needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
         kv_len = bucket_for(max(needed, MIN_KV_BUCKET), self.config.max_len)
+        rows = next(b for b in row_buckets(self.config.num_slots) if b > max(c.slot for c in active))
         bitmask = jnp.asarray(self.bitmask_rows) if self._constrained() else self.bitmask
         self.state, packed = decode_step(self.params, self.state, bitmask, self.eos_mask, cfg=self.cfg,
-                                         kv_len=kv_len)
+                                         kv_len=kv_len, rows=rows)
         for c in active:
             c.position += 1
-        return packed, list(self.choices)
+        return packed, self.choices[:rows]
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, oldest first, while the oldest fits."""
@@ -467,6 +483,17 @@ class Engine:
             self._finish(choice)
         with self.wake:
             self.waiting = collections.deque(r for r in self.waiting if not r.handle.cancelled.is_set())
+
+
+def row_buckets(num_slots: int) -> list[int]:
+    """Batch sizes the decode step is compiled for: powers of four below `num_slots`, then `num_slots`.
+
+    New requests take the lowest free slots, so a lightly loaded engine runs a small step.
+    """
+    sizes = [1]
+    while sizes[-1] * 4 < num_slots:
+        sizes.append(sizes[-1] * 4)
+    return sizes + [num_slots] if sizes[-1] < num_slots else sizes
 
 
 def token_info(token_id, logprob, top_ids, top_lps, k: int) -> TokenInfo:

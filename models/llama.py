@@ -130,7 +130,8 @@ def attend_cached(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, 
 
 def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array,
            kv_len: int):
-    """One token per slot: tokens, positions [S] -> (float32 logits [S, V], cache with their K/V written).
+    """One token for each of the first R slots: tokens, positions [R] -> (float32 logits [R, V], cache
+    with their K/V written). R <= the cache's S: slots beyond R are neither read nor written.
 
     Attention reads only the first `kv_len` cache positions (a static bucket >= max(positions) + 1),
     so a short batch does not pay for the whole context.
@@ -146,7 +147,7 @@ def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, po
         q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), cos, sin)
         k_cache = k_cache.at[rows, :, :, positions].set(k[:, 0])  # [S, KVH, Dh] into column `position`
         v_cache = v_cache.at[rows, :, positions].set(v[:, 0])
-        attn = attend_cached(cfg, q[:, 0], k_cache[..., :kv_len], v_cache[:, :, :kv_len], mask)
+        attn = attend_cached(cfg, q[:, 0], k_cache[:s, ..., :kv_len], v_cache[:s, :, :kv_len], mask)
         x = x + (attn @ layer["wo"])[:, None, :]
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps))
         new_k.append(k_cache)
