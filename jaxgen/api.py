@@ -26,6 +26,7 @@ from .errors import InvalidRequestError, JaxgenError, NotFoundError
 from .generator import ChatChunker, CompletionChunker, StreamMeta, aggregate_chat, chunks_of, merge_completion
 from .protocol import (ChatCompletionRequest, CompletionRequest, message_text, parse_chat_request,
                        parse_completion_request)
+from .tools import plan_tools
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -116,9 +117,14 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt)
         params = req.sampling_params()
+        grammars = self.engine.grammars
+        plan = plan_tools(grammars, req.tools, req.tool_choice, parallel=req.parallel_tool_calls is not False,
+                          response_format=req.response_format)
+        grammar = plan.grammar if plan else grammars.compile_response_format(req.response_format)
         meta = StreamMeta.new("chatcmpl", self.model_id, params.n, params.logprobs,
-                              include_usage=not req.stream or include_usage(req))
-        grammar = self.engine.grammars.compile_response_format(req.response_format)
+                              include_usage=not req.stream or include_usage(req),
+                              tool_mode=plan.mode if plan else None,
+                              tool_name=plan.name if plan else None)
         handle = self.engine.submit(ids, params, loop, grammar=grammar)
         self._log_prompt(req, meta.id, messages)
         return meta, handle

@@ -15,6 +15,8 @@ Two things go beyond HF, so that every request the API accepts renders:
   `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, merged into the first system message
   (or prepended as one); past assistant `tool_calls` are written into the content in that form and
   `tool` messages become user messages wrapped in `<tool_response>` tags (the Hermes/Qwen2.5 layout).
+  That `<tool_call>` form is the only call syntax jaxgen constrains and parses (`jaxgen.tools`), whichever
+  template renders the tools.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 DEFAULT_MESSAGE = "What is the capital of France? Answer in one sentence."
 
@@ -41,10 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk (JAX's persistent cache), so a second start skips most compiling."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "jaxgen", "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run_chat(args) -> int:
     """Load the model and stream its answer to stdout."""
     import jaxgen
 
+    enable_compile_cache()
     llm = jaxgen.load(args.model, dtype=args.dtype)
     print(f"> {args.message}", flush=True)
     for chunk in llm.chat([{"role": "user", "content": args.message}], stream=True,
@@ -64,11 +75,15 @@ def run_serve(args) -> int:
     from jaxgen.engine import EngineConfig
     from jaxgen.server import serve
 
+    enable_compile_cache()
     config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue)
     llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log)
     if not args.no_warmup:
-        print("compiling (warm-up)...", flush=True)
+        print("compiling every prompt and batch shape once (warm-up; cached on disk for the next start)...",
+              flush=True)
+        start = time.perf_counter()
         llm.engine.warmup()
+        print(f"warm-up done in {time.perf_counter() - start:.0f} s", flush=True)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key)
     return 0
 

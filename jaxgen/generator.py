@@ -12,11 +12,16 @@ from typing import Any, Iterable, Iterator
 
 from .engine import Admitted, ChoiceUpdate, Done, Event, TokenInfo
 from .errors import JaxgenError
+from .tools import TextDelta, ToolCall, ToolCallParser, new_call_id
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamMeta:
-    """Fields shared by every chunk of one request."""
+    """Fields shared by every chunk of one request.
+
+    `tool_mode` (from `jaxgen.tools.ToolPlan`): None, plain content; "named", the text is the arguments
+    of one call to `tool_name`; "calls", content and calls are parsed out of the text.
+    """
 
     id: str
     created: int
@@ -24,11 +29,15 @@ class StreamMeta:
     n: int
     logprobs: bool
     include_usage: bool
+    tool_mode: str | None = None
+    tool_name: str | None = None
 
     @classmethod
-    def new(cls, prefix: str, model: str, n: int, logprobs: bool, include_usage: bool) -> "StreamMeta":
+    def new(cls, prefix: str, model: str, n: int, logprobs: bool, include_usage: bool, *,
+            tool_mode: str | None = None, tool_name: str | None = None) -> "StreamMeta":
         """A fresh id and timestamp."""
-        return cls(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model, n, logprobs, include_usage)
+        return cls(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model, n, logprobs, include_usage,
+                   tool_mode, tool_name)
 
 
 def logprob_entry(tokenizer, token_id: int, logprob: float) -> dict:
@@ -50,10 +59,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class ChatChunker:
-    """Turns one request's engine events into `chat.completion.chunk` dicts."""
+    """Turns one request's engine events into `chat.completion.chunk` dicts.
+
+    With tools (`meta.tool_mode`), a choice's text becomes `delta.tool_calls`: each call's first
+    delta carries `{index, id, type: "function", function: {name, arguments: ""}}` (id and name are
+    sent once only), later ones `{index, function: {arguments: <fragment>}}`. Mode "named" streams the
+    text as the arguments of call 0; mode "calls" runs a `ToolCallParser` per choice and reports
+    finish_reason "tool_calls" when a call was made and the choice ended by "stop".
+    """
 
     def __init__(self, meta: StreamMeta, tokenizer):
         self.meta, self.tokenizer = meta, tokenizer
+        self.parsers = [ToolCallParser() for _ in range(meta.n)] if meta.tool_mode == "calls" else None
+        self.named_ids: list[str | None] = [None] * meta.n  # mode "named": the call's id once announced
 
     def chunk(self, choices: list[dict], **extra) -> dict:
         """A chunk around `choices`, `usage: null` unless given."""
@@ -86,18 +104,77 @@ class ChatChunker:
         """A content delta (with logprobs entries when asked for); the last one carries finish_reason."""
         logprobs = {"content": [token_entry(self.tokenizer, t) for t in update.tokens]} \
             if self.meta.logprobs and update.tokens else None
+        if self.meta.tool_mode == "named":
+            return self.named_chunks(update, logprobs)
+        if self.parsers is not None:
+            return self.parsed_chunks(update, logprobs)
         if not update.text and logprobs is None and update.finish_reason is None:
             return []
         delta = {"content": update.text} if update.text or logprobs else {}
-        return [self.chunk([{"index": update.index, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": update.finish_reason}])]
+        return [self.choice_chunk(update.index, delta, logprobs, update.finish_reason)]
+
+    def choice_chunk(self, index: int, delta: dict, logprobs: dict | None = None,
+                     finish_reason: str | None = None) -> dict:
+        """A chunk of one choice."""
+        return self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+
+    def call_chunks(self, index: int, call: ToolCall) -> list[dict]:
+        """A complete tool call: its id and name once, then its arguments."""
+        return [self.choice_chunk(index, {"tool_calls": [call_header(call.index, call.id, call.name)]}),
+                self.choice_chunk(index, {"tool_calls": [{"index": call.index,
+                                                          "function": {"arguments": call.arguments}}]})]
+
+    def named_chunks(self, update: ChoiceUpdate, logprobs: dict | None) -> list[dict]:
+        """Mode "named": the text is the arguments of call 0, announced before its first fragment."""
+        chunks = []
+        if self.named_ids[update.index] is None:
+            self.named_ids[update.index] = new_call_id()
+            header = call_header(0, self.named_ids[update.index], self.meta.tool_name)
+            chunks.append(self.choice_chunk(update.index, {"tool_calls": [header]}))
+        if update.text or logprobs is not None or update.finish_reason is not None:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": update.text}}]} if update.text else {}
+            chunks.append(self.choice_chunk(update.index, delta, logprobs, update.finish_reason))
+        return chunks
+
+    def parsed_chunks(self, update: ChoiceUpdate, logprobs: dict | None) -> list[dict]:
+        """Mode "calls": content and complete calls found by the choice's parser; "stop" after a call is
+        "tool_calls". Logprobs go on the update's first chunk, finish_reason on its last."""
+        parser, finish = self.parsers[update.index], update.finish_reason
+        items = parser.feed(update.text)
+        if finish is not None:
+            items += parser.finish()
+            if finish == "stop" and parser.calls:
+                finish = "tool_calls"
+        chunks = []
+        for item in items:
+            if isinstance(item, TextDelta):
+                chunks.append(self.choice_chunk(update.index, {"content": item.text}))
+            else:
+                chunks += self.call_chunks(update.index, item)
+        if not chunks:
+            if logprobs is None and finish is None:
+                return []
+            return [self.choice_chunk(update.index, {"content": ""} if logprobs else {}, logprobs, finish)]
+        chunks[0]["choices"][0]["logprobs"] = logprobs
+        chunks[-1]["choices"][0]["finish_reason"] = finish
+        return chunks
+
+
+def call_header(index: int, call_id: str, name: str) -> dict:
+    """The first delta of a tool call: the only one with its id, type and name."""
+    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
 
 
 def aggregate_chat(chunks: Iterable[dict], meta: StreamMeta) -> dict:
-    """A non-streamed `chat.completion` body from the chunks of the same request."""
+    """A non-streamed `chat.completion` body from the chunks of the same request.
+
+    A choice with tool calls gets `message.tool_calls: [{id, type, function: {name, arguments}}]`
+    and `content` null when it had no text (as OpenAI); without calls, no `tool_calls` key.
+    """
     text: dict[int, list[str]] = {i: [] for i in range(meta.n)}
     entries: dict[int, list[dict]] = {i: [] for i in range(meta.n)}
     finish: dict[int, str | None] = {i: None for i in range(meta.n)}
+    calls: dict[int, dict[int, dict]] = {i: {} for i in range(meta.n)}
     body: dict[str, Any] = {"id": meta.id, "object": "chat.completion", "created": meta.created,
                             "model": meta.model}
     for chunk in chunks:
@@ -110,10 +187,24 @@ def aggregate_chat(chunks: Iterable[dict], meta: StreamMeta) -> dict:
             text[c["index"]].append(c["delta"].get("content") or "")
             entries[c["index"]].extend((c.get("logprobs") or {}).get("content") or [])
             finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
-    body["choices"] = [{"index": i, "message": {"role": "assistant", "content": "".join(text[i])},
+            for delta in c["delta"].get("tool_calls") or ():
+                call = calls[c["index"]].setdefault(delta["index"], {"id": None, "type": "function",
+                                                                     "function": {"name": "", "arguments": ""}})
+                call["id"] = delta.get("id") or call["id"]
+                function = delta.get("function") or {}
+                call["function"]["name"] += function.get("name") or ""
+                call["function"]["arguments"] += function.get("arguments") or ""
+    body["choices"] = [{"index": i, "message": _message("".join(text[i]), calls[i]),
                         "logprobs": {"content": entries[i]} if meta.logprobs else None,
                         "finish_reason": finish[i]} for i in range(meta.n)]
     return body
+
+
+def _message(content: str, calls: dict[int, dict]) -> dict:
+    """An assistant message: its content, and its tool calls in order when it made any."""
+    if not calls:
+        return {"role": "assistant", "content": content}
+    return {"role": "assistant", "content": content or None, "tool_calls": [calls[i] for i in sorted(calls)]}
 
 
 class CompletionChunker:

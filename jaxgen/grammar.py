@@ -1,9 +1,10 @@
 """Constrained decoding: JSON-schema grammars compiled by llguidance, token masks for the sampler.
 
 Host side only. The engine owns one `GrammarCompiler` per model; a request with a
-`response_format` (or, later, a forced tool call) gets one `Grammar` (compiled before the request
-is queued, so a bad schema is a 400 before streaming starts), shared by its n choices; every
-choice gets its own `GrammarMatcher`, advanced token by token:
+`response_format` or tool calls (`jaxgen.tools` builds a Lark grammar with the tools' schemas inlined)
+gets one `Grammar` (compiled before the request is queued, so a bad schema is a 400 before
+streaming starts), shared by its n choices; every choice gets its own `GrammarMatcher`, advanced
+token by token:
 
     grammar = compiler.compile_response_format(request.response_format)   # None: unconstrained
     matcher = grammar.matcher()                 # per choice, at insert
@@ -50,7 +51,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -177,6 +178,12 @@ class GrammarCompiler:
         `"schema": {...}` that schema; `{"type": "json_schema", "json_schema": {"name", "schema",
         "strict"}}` -> that schema (always enforced, whatever `strict` says).
         """
+        schema = self.response_format_schema(response_format)
+        return None if schema is None else self.compile_json_schema(schema, "response_format")
+
+    @staticmethod
+    def response_format_schema(response_format: Any) -> Any:
+        """The JSON schema a `response_format` (a dict or the request model) asks for; None for plain text."""
         param = "response_format"
         if response_format is None:
             return None
@@ -189,20 +196,38 @@ class GrammarCompiler:
             return None
         if kind == "json_object":
             schema = response_format.get("schema")
-            return self.compile_json_schema(_ANY_OBJECT if schema is None else schema, param)
+            return _ANY_OBJECT if schema is None else schema
         if kind == "json_schema":
             spec = response_format.get("json_schema")
             if not isinstance(spec, Mapping):
                 raise InvalidRequestError("response_format.json_schema must be an object", param=param)
             if "schema" not in spec or spec["schema"] is None:
                 raise InvalidRequestError("response_format.json_schema.schema is required", param=param)
-            return self.compile_json_schema(spec["schema"], param)
+            return spec["schema"]
         raise InvalidRequestError(
             f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=param)
 
-    def compile_json_schema(self, schema: Any, param: str) -> Grammar:
+    def compile_json_schema(self, schema: Any, param: str, options: Mapping[str, Any] | None = None) -> Grammar:
         """A grammar for JSON values valid under `schema`; InvalidRequestError(param=param) when
-        llguidance cannot compile it (invalid, unsatisfiable, or using an unsupported keyword)."""
+        llguidance cannot compile it (invalid, unsatisfiable, or using an unsupported keyword).
+
+        `options` replace `JSON_OPTIONS` (e.g. other separators; keep `lenient` and `coerce_one_of` off)."""
+        schema_json = self.schema_text(schema, param)
+        options = dict(JSON_OPTIONS if options is None else options)
+        key = "json:" + json.dumps(options, sort_keys=True) + ":" + schema_json
+        return self._cached(key, lambda: self._compile_json(schema_json, options, param))
+
+    def compile_lark(self, lark: str, param: str, what: str = "grammar") -> Grammar:
+        """A grammar from llguidance's Lark syntax (with `%json {...}` schemas inlined, each carrying its
+        options under "x-guidance"); InvalidRequestError(param=param) when it does not compile."""
+        if self._unsupported is not None:
+            raise InvalidRequestError(f"{param} is not supported for this model: {self._unsupported}", param=param)
+        return self._cached("lark:" + lark, lambda: self._compile_source(
+            lark, llguidance.LLMatcher.grammar_from_lark(lark), param, what))
+
+    def schema_text(self, schema: Any, param: str) -> str:
+        """A client's JSON schema as compact JSON text, its "x-guidance" block dropped; 400 when it is not an
+        object (or `true`) or not JSON."""
         if self._unsupported is not None:
             raise InvalidRequestError(f"{param} is not supported for this model: {self._unsupported}", param=param)
         if schema is True:
@@ -211,15 +236,18 @@ class GrammarCompiler:
             raise InvalidRequestError(f"the JSON schema in {param} must be an object", param=param)
         schema = {k: v for k, v in schema.items() if k != "x-guidance"}
         try:
-            key = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            return json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidRequestError(f"the JSON schema in {param} is not valid JSON: {e}", param=param) from e
+
+    def _cached(self, key: str, compile_: Callable[[], Grammar]) -> Grammar:
+        """The grammar under `key` in the LRU, compiled (outside the lock) when missing."""
         with self._lock:
             grammar = self._cache.get(key)
             if grammar is not None:
                 self._cache.move_to_end(key)
                 return grammar
-        grammar = self._compile(key, param)  # outside the lock: llguidance drops the GIL while compiling
+        grammar = compile_()  # outside the lock: llguidance drops the GIL while compiling
         with self._lock:
             self._cache[key] = grammar
             self._cache.move_to_end(key)
@@ -227,15 +255,18 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
-    def _compile(self, schema_json: str, param: str) -> Grammar:
+    def _compile_json(self, schema_json: str, options: dict, param: str) -> Grammar:
         try:
-            source = llguidance.LLMatcher.grammar_from_json_schema(schema_json, overrides=JSON_OPTIONS)
+            source = llguidance.LLMatcher.grammar_from_json_schema(schema_json, overrides=options)
         except (ValueError, TypeError) as e:
             raise InvalidRequestError(f"invalid JSON schema in {param}: {_reason(e)}", param=param) from e
+        return self._compile_source(schema_json, source, param, "JSON schema")
+
+    def _compile_source(self, text: str, source: str, param: str, what: str) -> Grammar:
         template = llguidance.LLMatcher(self._ll_tokenizer, source, log_level=0)
         if template.is_error():
-            raise InvalidRequestError(f"invalid JSON schema in {param}: {_reason(template.get_error())}", param=param)
-        return Grammar(self, schema_json, template)
+            raise InvalidRequestError(f"invalid {what} in {param}: {_reason(template.get_error())}", param=param)
+        return Grammar(self, text, template)
 
 
 def _reason(error: Any) -> str:
@@ -246,16 +277,16 @@ def _reason(error: Any) -> str:
 class Grammar:
     """A compiled grammar (immutable): makes one `GrammarMatcher` per choice."""
 
-    def __init__(self, compiler: GrammarCompiler, schema_json: str, template: llguidance.LLMatcher):
+    def __init__(self, compiler: GrammarCompiler, source: str, template: llguidance.LLMatcher):
         self.compiler = compiler
-        self.schema_json = schema_json  # the schema as compiled (client "x-guidance" dropped)
+        self.source = source  # the JSON schema as compiled (client "x-guidance" dropped), or the Lark text
         self._template = template  # never advanced; copied for each matcher (~1 µs)
 
     def matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self.compiler, self._template.deep_copy())
 
     def __repr__(self) -> str:
-        text = self.schema_json if len(self.schema_json) <= 80 else self.schema_json[:77] + "..."
+        text = self.source if len(self.source) <= 80 else self.source[:77] + "..."
         return f"Grammar({text})"
 
 

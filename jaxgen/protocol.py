@@ -5,7 +5,8 @@ body means the same thing at every front door. Rules enforced here (SPEC.md, "Pa
   * unknown fields are ignored; a field sent as null takes its default ("not set");
   * a known field of the wrong type is a 400 naming it (`param`): no coercion of "2" to 2 or of
     true to 1, but integers are accepted where a number is expected;
-  * the shape rules of messages, stop, logit_bias, response_format, tools and tool_choice.
+  * the shape rules of messages, stop, logit_bias, response_format, tools and tool_choice (schemas are
+    compiled, and rejected when they cannot be, by `jaxgen.tools.plan_tools` / the grammar compiler).
 Numeric ranges are NOT checked here: `SamplingParams.validate` owns them and the LLM calls it.
 """
 from __future__ import annotations
@@ -256,6 +257,7 @@ class ChatCompletionRequest(_Request):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool | None = None  # false: at most one call (auto), exactly one (required)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -271,17 +273,22 @@ class ChatCompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _tools_and_formats(self) -> ChatCompletionRequest:
-        """tool_choice consistent with tools; then reject tool calling, which the engine cannot do yet."""
+        """tool_choice consistent with tools; distinct function names; no JSON format beside a forced call."""
         choice = self.tool_choice
         if choice not in (None, "none") and not self.tools:
             raise InvalidRequestError("tool_choice other than 'none' requires tools", param="tool_choice")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            duplicate = next(n for n in names if names.count(n) > 1)
+            raise InvalidRequestError(f"tools has two functions named {duplicate!r}", param="tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
             raise InvalidRequestError(f"tool_choice names {choice.function.name!r}, which is not in tools",
                                       param="tool_choice")
-        if self.tools and choice != "none":
-            raise InvalidRequestError(
-                "Tool calling is not supported yet: send tool_choice 'none' to only show the tools to the "
-                "model through the chat template", param="tool_choice")
+        forced = isinstance(choice, NamedToolChoice) or choice == "required"
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequestError("response_format cannot be combined with a forced tool call (tool_choice "
+                                      "'required' or a named function): the output is the call",
+                                      param="response_format")
         return self
 
     @property

@@ -83,15 +83,20 @@ BAD_CHAT = [
     (chat(tools=[{"type": "function", "function": {}}], tool_choice="none"), "tools"),
     (chat(tools=[{"type": "function", "function": {"name": ""}}], tool_choice="none"), "tools"),
     (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "{}"}}], tool_choice="none"), "tools"),
-    # tool_choice: shape, consistency with tools, then "not supported yet"
+    (chat(tools=[TOOL, TOOL]), "tools"),  # two functions with one name
+    # tool_choice: shape, consistency with tools
     (chat(tool_choice="sometimes"), "tool_choice"), (chat(tool_choice=1), "tool_choice"),
     (chat(tools=[TOOL], tool_choice={"type": "function"}), "tool_choice"),
     (chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": 1}}), "tool_choice"),
     (chat(tool_choice="auto"), "tool_choice"), (chat(tool_choice="required"), "tool_choice"),
     (chat(tool_choice=NAMED), "tool_choice"),
     (chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}), "tool_choice"),
-    (chat(tools=[TOOL]), "tool_choice"), (chat(tools=[TOOL], tool_choice="auto"), "tool_choice"),
-    (chat(tools=[TOOL], tool_choice="required"), "tool_choice"), (chat(tools=[TOOL], tool_choice=NAMED), "tool_choice"),
+    (chat(tools=[TOOL], parallel_tool_calls="no"), "parallel_tool_calls"),
+    # a forced call is the whole output: no JSON response_format beside it
+    (chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), "response_format"),
+    (chat(tools=[TOOL], tool_choice=NAMED, response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "x", "schema": {}}}),
+     "response_format"),
 ]
 
 
@@ -100,9 +105,11 @@ def test_bad_chat_body_is_400_naming_the_field(body, param):
     assert param_of(parse_chat_request, body) == param
 
 
-def test_unsupported_features_say_so():
-    with pytest.raises(InvalidRequestError, match="not supported yet"):
-        parse_chat_request(chat(tools=[TOOL]))
+@pytest.mark.parametrize("choice", [None, "none", "auto", "required", NAMED])
+def test_tool_choices_are_accepted(choice):
+    req = parse_chat_request(chat(tools=[TOOL], tool_choice=choice, parallel_tool_calls=False))
+    assert req.tool_names == {"get_weather"} and req.parallel_tool_calls is False
+    assert req.tool_choice == choice or req.tool_choice.function.name == "get_weather"
 
 
 @pytest.mark.parametrize("fmt", [{"type": "text"}, {"type": "json_object"},
@@ -131,6 +138,9 @@ GOOD_CHAT = [
     chat(response_format={"type": "text"}),
     chat(tools=[TOOL], tool_choice="none"),
     chat(tool_choice="none"),
+    chat(tools=[TOOL]), chat(tools=[TOOL], tool_choice="auto"), chat(tools=[TOOL], tool_choice="required"),
+    chat(tools=[TOOL], tool_choice=NAMED), chat(tools=[TOOL], tool_choice="auto", response_format={"type": "json_object"}),
+    chat(tools=[TOOL], tool_choice="required", response_format={"type": "text"}, parallel_tool_calls=True),
     chat(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ann"},
                    {"role": "assistant", "content": None, "tool_calls": [
                        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},

@@ -298,8 +298,12 @@ BAD = [  # (body as bytes or JSON, expected status, expected param)
     (chat(logit_bias={"x": 1}), 400, "logit_bias"),
     (chat(stream_options={"include_usage": True}), 400, "stream_options"),
     (chat(response_format={"type": "xml"}), 400, "response_format"),
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tool_choice"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}] * 2), 400, "tools"),
     (chat(tool_choice="auto"), 400, "tool_choice"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function", "function": {
+        "name": "g"}}), 400, "tool_choice"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required",
+          response_format={"type": "json_object"}), 400, "response_format"),
     # ranges, checked by SamplingParams.validate at submission
     (chat(temperature=2.5), 400, "temperature"), (chat(top_p=0), 400, "top_p"), (chat(top_k=-1), 400, "top_k"),
     (chat(min_p=1.5), 400, "min_p"), (chat(presence_penalty=3), 400, "presence_penalty"),

@@ -393,7 +393,12 @@ def chat(**fields):
     return {"model": "tiny", "messages": ask("Hi"), "max_tokens": 4, **fields}
 
 
+def named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
 LONG_MESSAGE = ask("hello " * 200)  # far more than 128 tokens once rendered
+BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
 C, L = "/v1/chat/completions", "/v1/completions"
 BAD = [  # (id, path, body (bytes or JSON), status, param, code)
     ("garbage", C, b"{not json", 400, None, None),
@@ -482,6 +487,14 @@ BAD = [  # (id, path, body (bytes or JSON), status, param, code)
      "stream_options", None),
     ("empty tools", C, chat(tools=[]), 400, "tools", None),
     ("tool_choice without tools", C, chat(tool_choice="required"), 400, "tool_choice", None),
+    ("tool schema uncompilable, auto", C, chat(tools=[BAD_TOOL]), 400, "tools", None),
+    ("tool schema uncompilable, required", C, chat(tools=[BAD_TOOL], tool_choice="required"), 400, "tools", None),
+    ("tool schema uncompilable, named", C, chat(tools=[BAD_TOOL], tool_choice=named("f")), 400, "tools", None),
+    ("tool schema uncompilable, stream", C, chat(tools=[BAD_TOOL], stream=True), 400, "tools", None),
+    ("named tool not in tools", C, chat(tools=[BAD_TOOL], tool_choice=named("g")), 400, "tool_choice", None),
+    ("two tools, one name", C, chat(tools=[BAD_TOOL, BAD_TOOL], tool_choice="none"), 400, "tools", None),
+    ("format beside a forced call", C, chat(tools=[BAD_TOOL], tool_choice="required",
+                                            response_format={"type": "json_object"}), 400, "response_format", None),
     # validated before the 200 when streaming, too
     ("stream, temperature", C, chat(stream=True, temperature=-1), 400, "temperature", None),
     ("stream, n", C, chat(stream=True, n=200), 400, "n", None),
