@@ -235,12 +235,14 @@ class Choice:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Static sizes: slots, context per slot, queue bound, and the key unseeded requests derive from."""
+    """Static sizes: slots, context per slot, queue bound, the key unseeded requests derive from, and how
+    much prefill may run between two decode steps."""
 
     num_slots: int = 8
     max_len: int = 2048
     max_queue: int = 256
     seed: int = 0
+    prefill_budget: int = 512  # prompt tokens prefilled between two decode steps (at least one request)
 
 
 class Engine:
@@ -381,8 +383,13 @@ class Engine:
         return packed, self.choices[:rows]
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, oldest first, while the oldest fits."""
-        while self.waiting:
+        """Move waiting requests into free slots, oldest first, while the oldest fits.
+
+        Prompts admitted between two decode steps are limited to `prefill_budget` tokens (at least
+        one request), so a burst of arrivals starts decoding early instead of after every prefill.
+        """
+        budget = self.config.prefill_budget
+        while self.waiting and budget > 0:
             request = self.waiting[0]
             free = [i for i, c in enumerate(self.choices) if c is None]
             needed = request.params.n if request.params.max_tokens > 0 else 0
@@ -390,6 +397,7 @@ class Engine:
                 return
             with self.wake:
                 self.waiting.popleft()
+            budget -= len(request.prompt_ids)
             try:
                 self._start(request, free[:needed])
             except JaxgenError as e:
