@@ -112,6 +112,7 @@ class LLM:
     def _submit_chat(self, req: ChatCompletionRequest, loop):
         """Resolve the model, render the template, validate and queue; -> (meta, handle)."""
         self._check_model(req.model, req.peft)
+        self._check_log_prompt(req)
         messages = template_messages(req)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         prompt = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
@@ -151,6 +152,7 @@ class LLM:
     def _submit_completion(self, req: CompletionRequest, loop):
         """Queue every prompt of a legacy request; -> (meta, [(chunker, handle)]), all validated first."""
         self._check_model(req.model, req.peft)
+        self._check_log_prompt(req)
         params = req.sampling_params()
         meta = StreamMeta.new("cmpl", self.model_id, params.n, params.logprobs,
                               include_usage=not req.stream or include_usage(req))
@@ -207,15 +209,17 @@ class LLM:
         if peft is not None and peft not in self.adapter_ids:
             raise NotFoundError(f"adapter {peft!r} not found; no LoRA adapters are loaded", param="peft")
 
-    def _log_prompt(self, req, request_id: str, messages) -> None:
-        """Record the prompt only when the request asks (log_prompt) and a prompt log is configured."""
-        if not req.log_prompt:
-            return
-        if self.prompt_log is None:
+    def _check_log_prompt(self, req) -> None:
+        """400 before anything is queued when a request asks for log_prompt and no prompt log is configured."""
+        if req.log_prompt and self.prompt_log is None:
             raise InvalidRequestError("log_prompt is true but no prompt log is configured "
                                       "(start with --prompt-log PATH)", param="log_prompt")
-        self.prompt_log.record(request_id=request_id, user=req.user, model=self.model_id,
-                               peft=getattr(req, "peft", None), messages=messages)
+
+    def _log_prompt(self, req, request_id: str, messages) -> None:
+        """Record the prompt only when the request asks (log_prompt; `_check_log_prompt` ran before queueing)."""
+        if req.log_prompt:
+            self.prompt_log.record(request_id=request_id, user=req.user, model=self.model_id,
+                                   peft=getattr(req, "peft", None), messages=messages)
 
     @staticmethod
     def _closing(chunks: Iterator[dict], handle) -> Iterator[dict]:
