@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.models import llama
+from jaxgen.models import lora as lora_lib
 from jaxgen.models.checkpoint import save_checkpoint
 from jaxgen.models.loading import load_model
 
@@ -22,7 +23,7 @@ from jaxgen.sampling import SamplingParams
 
 from .buckets import bucket_for
 from .engine import Admitted, ChoiceUpdate, Engine, EngineConfig, TokenInfo
-from .errors import InvalidRequestError, JaxgenError, NotFoundError
+from .errors import InvalidRequestError, JaxgenError, ModelLoadError, NotFoundError
 from .generator import ChatChunker, CompletionChunker, StreamMeta, aggregate_chat, chunks_of, merge_completion
 from .protocol import (ChatCompletionRequest, CompletionRequest, message_text, parse_chat_request,
                        parse_completion_request)
@@ -30,9 +31,9 @@ from .tools import plan_tools
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def all_logits(params, cfg, tokens, length):
-    """float32 logits [1, T, V] for every position of one padded prompt tokens [1, T]."""
-    _, hidden = llama.prefill(params, cfg, tokens, length)
+def all_logits(params, cfg, tokens, length, lora=None, adapters=None):
+    """float32 logits [1, T, V] for every position of one padded prompt tokens [1, T] (with LoRA `adapters` [1])."""
+    _, hidden = llama.prefill(params, cfg, tokens, length, lora, adapters)
     return llama.lm_logits(params, cfg, hidden)
 
 
@@ -74,7 +75,9 @@ class LLM:
         self.path = path
         self.engine_config = engine_config
         self.prompt_log = PromptLog(prompt_log) if prompt_log else None
-        self.adapter_ids: list[str] = []
+        self.adapter_ids: list[str] = []  # LoRA adapters in stacking order: adapter_ids[i] has index i + 1
+        self.adapters: dict[str, lora_lib.LoraAdapter] = {}
+        self.lora = None  # the stacked adapters (models.lora), None while there are none
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
 
@@ -83,8 +86,24 @@ class LLM:
         """The continuous-batching engine, started on first use."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.cfg, self.params, self.tokenizer, self.engine_config)
+                self._engine = Engine(self.cfg, self.params, self.tokenizer, self.engine_config, lora=self.lora)
             return self._engine
+
+    def load_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
+        """Serve the HF PEFT LoRA adapter in directory `path` as `adapter_id` (requests select it by `peft` or
+        `model`). Adapters fix the engine's shapes, so all of them must be loaded before the engine starts."""
+        if not isinstance(adapter_id, str) or not adapter_id:
+            raise ModelLoadError(f"an adapter id must be a non-empty string, not {adapter_id!r}")
+        if adapter_id == self.model_id or adapter_id in self.adapters:
+            raise ModelLoadError(f"adapter id {adapter_id!r} is already in use")
+        with self._engine_lock:
+            if self._engine is not None:
+                raise ModelLoadError(f"cannot load adapter {adapter_id!r}: the engine has started; load every "
+                                     "LoRA adapter before the first request (or pass adapters= to jaxgen.load)")
+            adapter = lora_lib.load_adapter(path, self.cfg)
+            self.lora = lora_lib.stack_adapters(self.cfg, [*self.adapters.values(), adapter], self.dtype)
+            self.adapters[adapter_id] = adapter
+            self.adapter_ids.append(adapter_id)
 
     def engine_stats(self) -> dict:
         """Queue depth and slot occupancy."""
@@ -111,7 +130,7 @@ class LLM:
 
     def _submit_chat(self, req: ChatCompletionRequest, loop):
         """Resolve the model, render the template, validate and queue; -> (meta, handle)."""
-        self._check_model(req.model, req.peft)
+        adapter = self._resolve_adapter(req.model, req.peft)
         self._check_log_prompt(req)
         messages = template_messages(req)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -122,11 +141,11 @@ class LLM:
         plan = plan_tools(grammars, req.tools, req.tool_choice, parallel=req.parallel_tool_calls is not False,
                           response_format=req.response_format)
         grammar = plan.grammar if plan else grammars.compile_response_format(req.response_format)
-        meta = StreamMeta.new("chatcmpl", self.model_id, params.n, params.logprobs,
+        meta = StreamMeta.new("chatcmpl", self._response_model(req.model), params.n, params.logprobs,
                               include_usage=not req.stream or include_usage(req),
                               tool_mode=plan.mode if plan else None,
                               tool_name=plan.name if plan else None)
-        handle = self.engine.submit(ids, params, loop, grammar=grammar)
+        handle = self.engine.submit(ids, params, loop, grammar=grammar, adapter=adapter)
         self._log_prompt(req, meta.id, messages)
         return meta, handle
 
@@ -151,10 +170,10 @@ class LLM:
 
     def _submit_completion(self, req: CompletionRequest, loop):
         """Queue every prompt of a legacy request; -> (meta, [(chunker, handle)]), all validated first."""
-        self._check_model(req.model, req.peft)
+        adapter = self._resolve_adapter(req.model, req.peft)
         self._check_log_prompt(req)
         params = req.sampling_params()
-        meta = StreamMeta.new("cmpl", self.model_id, params.n, params.logprobs,
+        meta = StreamMeta.new("cmpl", self._response_model(req.model), params.n, params.logprobs,
                               include_usage=not req.stream or include_usage(req))
         params.validate(self.cfg.vocab_size)
         prompts = []
@@ -168,7 +187,7 @@ class LLM:
                 chunker = CompletionChunker(meta, self.tokenizer, prompt_text=text, prompt_ids=ids, echo=req.echo,
                                             top_logprobs=params.top_logprobs if params.logprobs else None,
                                             index_offset=i * params.n)
-                parts.append((chunker, self.engine.submit(ids, params, loop, param="prompt")))
+                parts.append((chunker, self.engine.submit(ids, params, loop, param="prompt", adapter=adapter)))
         except JaxgenError:  # e.g. the queue filled part-way: drop the prompts already queued
             for _, handle in parts:
                 handle.cancel()
@@ -189,25 +208,40 @@ class LLM:
     # ---- notebooks
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                 params: SamplingParams | None = None, **fields) -> list[list[Generation]]:
+                 params: SamplingParams | None = None, *, peft: str | None = None, **fields) -> list[list[Generation]]:
         """Generate for each prompt (text or token ids), batched; -> per prompt, its n Generations.
 
-        `params` (or keyword fields of SamplingParams) apply to every prompt; default greedy.
+        `params` (or keyword fields of SamplingParams) apply to every prompt; default greedy. `peft`: the
+        LoRA adapter id to generate with (default none).
         """
+        adapter = self._resolve_adapter(None, peft)
         params = params or SamplingParams(**{"temperature": 0.0, **fields})
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
-        handles = [self.engine.submit(i, params) for i in ids]
+        handles = [self.engine.submit(i, params, adapter=adapter) for i in ids]
         return [collect_generations(handle, params.n) for handle in handles]
 
     # ---- shared
 
-    def _check_model(self, model: str | None, peft: str | None) -> None:
-        """404 for a model or adapter this LLM does not serve."""
-        if model not in (None, self.model_id) and model not in self.adapter_ids:
-            raise NotFoundError(f"model {model!r} not found; this server has {self.model_id!r}", param="model")
-        if peft is not None and peft not in self.adapter_ids:
-            raise NotFoundError(f"adapter {peft!r} not found; no LoRA adapters are loaded", param="peft")
+    def _resolve_adapter(self, model: str | None, peft: str | None) -> int:
+        """The LoRA adapter index a request runs with (0 = none): `peft`, or `model` naming an adapter.
+        404 for a model or adapter this LLM does not serve."""
+        if model not in (None, self.model_id) and model not in self.adapters:
+            served = ", ".join(repr(m) for m in [self.model_id, *self.adapter_ids])
+            raise NotFoundError(f"model {model!r} not found; this server has {served}", param="model")
+        if peft is not None and peft not in self.adapters:
+            known = (f"loaded adapters: {', '.join(map(repr, self.adapter_ids))}" if self.adapters
+                     else "no LoRA adapters are loaded")
+            raise NotFoundError(f"adapter {peft!r} not found; {known}", param="peft")
+        if model in self.adapters and peft not in (None, model):
+            raise InvalidRequestError(f"model {model!r} is an adapter, and peft asks for another one ({peft!r})",
+                                      param="peft")
+        chosen = peft if peft is not None else model if model in self.adapters else None
+        return 0 if chosen is None else self.adapter_ids.index(chosen) + 1
+
+    def _response_model(self, model: str | None) -> str:
+        """The `model` of response chunks: the adapter's id when the request named one as its model (as vLLM)."""
+        return model if model in self.adapters else self.model_id
 
     def _check_log_prompt(self, req) -> None:
         """400 before anything is queued when a request asks for log_prompt and no prompt log is configured."""
@@ -218,8 +252,9 @@ class LLM:
     def _log_prompt(self, req, request_id: str, messages) -> None:
         """Record the prompt only when the request asks (log_prompt; `_check_log_prompt` ran before queueing)."""
         if req.log_prompt:
+            adapter = self._resolve_adapter(req.model, req.peft)
             self.prompt_log.record(request_id=request_id, user=req.user, model=self.model_id,
-                                   peft=getattr(req, "peft", None), messages=messages)
+                                   peft=self.adapter_ids[adapter - 1] if adapter else None, messages=messages)
 
     @staticmethod
     def _closing(chunks: Iterator[dict], handle) -> Iterator[dict]:
@@ -244,8 +279,10 @@ class LLM:
         """The dtype of the weights."""
         return jax.tree.leaves(self.params)[0].dtype
 
-    def logits(self, token_ids) -> np.ndarray:
-        """float32 logits [T, V] at every position of `token_ids`, from one prefill (a research primitive)."""
+    def logits(self, token_ids, *, peft: str | None = None) -> np.ndarray:
+        """float32 logits [T, V] at every position of `token_ids`, from one prefill (a research primitive);
+        `peft`: with that LoRA adapter."""
+        adapter = self._resolve_adapter(None, peft)
         ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
         if ids.size == 0:
             raise ValueError("token_ids is empty")
@@ -253,7 +290,8 @@ class LLM:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
         padded = np.zeros((1, bucket_for(ids.size, self.cfg.max_position_embeddings)), np.int32)
         padded[0, : ids.size] = ids
-        out = all_logits(self.params, self.cfg, jnp.asarray(padded), jnp.array([ids.size], jnp.int32))
+        lora = () if self.lora is None else (self.lora, jnp.array([adapter], jnp.int32))  # none: the plain program
+        out = all_logits(self.params, self.cfg, jnp.asarray(padded), jnp.array([ids.size], jnp.int32), *lora)
         return np.asarray(out[0, : ids.size])
 
     def save(self, directory: str) -> None:
@@ -297,9 +335,13 @@ def collect_generations(handle, n: int) -> list[Generation]:
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, engine_config: EngineConfig = EngineConfig(),
-         prompt_log: str | None = None) -> LLM:
-    """Load `model` (None: the bundled SmolLM2-135M-Instruct; or a GGUF file, HF directory, jaxgen checkpoint)."""
+         prompt_log: str | None = None, adapters: dict[str, str | os.PathLike] | None = None) -> LLM:
+    """Load `model` (None: the bundled SmolLM2-135M-Instruct; or a GGUF file, HF directory, jaxgen checkpoint),
+    and the LoRA `adapters` {id: HF PEFT adapter directory} it serves."""
     cfg, params, tokenizer, path = load_model(model, dtype)
     model_id = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return LLM(cfg, params, tokenizer, model_id=model_id, path=path, engine_config=engine_config,
-               prompt_log=prompt_log)
+    llm = LLM(cfg, params, tokenizer, model_id=model_id, path=path, engine_config=engine_config,
+              prompt_log=prompt_log)
+    for adapter_id, adapter_path in (adapters or {}).items():
+        llm.load_adapter(adapter_id, adapter_path)
+    return llm

@@ -17,6 +17,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
 
 
+def lora_arg(value: str) -> tuple[str, str]:
+    """`--lora ID=PATH` -> (ID, PATH)."""
+    adapter_id, sep, path = value.partition("=")
+    if not sep or not adapter_id or not path:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH, got {value!r}")
+    return adapter_id, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `jaxgen` argument parser."""
     parser = argparse.ArgumentParser(prog="jaxgen", description=__doc__)
@@ -36,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("JAXGEN_API_KEY"),
                        help="require this bearer key (default: $JAXGEN_API_KEY; none = open)")
     serve.add_argument("--prompt-log", default=None, help="file that receives prompts of log_prompt requests")
-    serve.add_argument("--lora", action="append", default=[], metavar="ID=PATH",
-                       help="LoRA adapter to serve (not supported yet: rejected)")
+    serve.add_argument("--lora", action="append", default=[], metavar="ID=PATH", type=lora_arg,
+                       help="serve the HF PEFT LoRA adapter in directory PATH as model/peft id ID (repeatable)")
     serve.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start-up")
     return parser
 
@@ -68,8 +76,9 @@ def run_chat(args) -> int:
 
 def run_serve(args) -> int:
     """Load the model, warm the engine up and serve HTTP until interrupted."""
-    if args.lora:
-        print("error: --lora: LoRA adapters are not supported yet", file=sys.stderr)
+    ids = [adapter_id for adapter_id, _ in args.lora]
+    if len(set(ids)) != len(ids):
+        print(f"error: --lora: an adapter id is given twice ({', '.join(ids)})", file=sys.stderr)
         return 2
     import jaxgen
     from jaxgen.engine import EngineConfig
@@ -77,7 +86,8 @@ def run_serve(args) -> int:
 
     enable_compile_cache()
     config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue)
-    llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log)
+    llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log,
+                      adapters=dict(args.lora))
     if not args.no_warmup:
         print("compiling every prompt and batch shape once (warm-up; cached on disk for the next start)...",
               flush=True)

@@ -29,11 +29,12 @@ import numpy as np
 from flax import struct
 
 from jaxgen.models import llama
+from jaxgen.models import lora as lora_lib
 from jaxgen.sampling import (TOP_LOGPROBS, SamplingParams, SlotState, clear_slot, full_bitmask, init_state,
                              make_row, prompt_logprobs, row_key, sample, write_slot)
 
 from .buckets import all_buckets, bucket_for
-from .errors import InvalidRequestError, JaxgenError, QueueFullError
+from .errors import InvalidRequestError, JaxgenError, NotFoundError, QueueFullError
 from .stops import StopStringMatcher
 from .tokenizer import IncrementalDetokenizer
 
@@ -87,13 +88,15 @@ def put_head_rows(tree, head, rows: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "rows"), donate_argnames=("state",))
-def decode_step(params, state: DecodeState, bitmask, eos_mask, *, cfg, kv_len: int, rows: int):
+def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, cfg, kv_len: int, rows: int):
     """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
 
-    `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing.
+    `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
+    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`.
     """
     out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
-    logits, cache = llama.decode(params, cfg, state.cache, out.tokens, state.positions[:rows], kv_len)
+    adapters = None if lora is None else state.adapters[:rows]
+    logits, cache = llama.decode(params, cfg, state.cache, out.tokens, state.positions[:rows], kv_len, lora, adapters)
     last = state.cache["k"][0].shape[-1] - 1  # finished rows may step once past the end: clamp, never read
     new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
                         logits=state.logits.at[:rows].set(logits),
@@ -102,12 +105,14 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, *, cfg, kv_len: i
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "score"))
-def prefill_prompt(params, tokens, length, *, cfg, score: bool):
+def prefill_prompt(params, tokens, length, lora=None, adapter=None, *, cfg, score: bool):
     """One prompt tokens [1, T] -> (kv, logits at its last token [V], prompt scores or None).
 
-    With `score`, also the log-prob of every prompt token but the first and the top-20 there.
+    With `score`, also the log-prob of every prompt token but the first and the top-20 there. With
+    `lora`, the prompt runs with adapter index `adapter` (a traced i32 scalar, 0 = none).
     """
-    kv, hidden = llama.prefill(params, cfg, tokens, length)
+    adapters = None if lora is None else jnp.reshape(adapter, (1,))
+    kv, hidden = llama.prefill(params, cfg, tokens, length, lora, adapters)
     last = llama.lm_logits(params, cfg, hidden[0, length[0] - 1])
     if not score:
         return kv, last, None
@@ -115,13 +120,14 @@ def prefill_prompt(params, tokens, length, *, cfg, score: bool):
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def insert_choice(state: DecodeState, kv, last_logits, slot, prompt_len, row) -> DecodeState:
-    """Put one choice of a prefilled prompt into `slot` (traced, so one program serves every slot)."""
+def insert_choice(state: DecodeState, kv, last_logits, slot, prompt_len, row, adapter=None) -> DecodeState:
+    """Put one choice of a prefilled prompt into `slot` (traced, so one program serves every slot), with its
+    LoRA adapter index (traced; None = 0, no adapter)."""
     return state.replace(cache=llama.insert(state.cache, kv, 0, slot),
                          sampler=write_slot(state.sampler, slot, row),
                          logits=state.logits.at[slot].set(last_logits),
                          positions=state.positions.at[slot].set(prompt_len),
-                         adapters=state.adapters.at[slot].set(0))
+                         adapters=state.adapters.at[slot].set(0 if adapter is None else adapter))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -213,6 +219,7 @@ class Request:
     params: SamplingParams
     handle: RequestHandle
     grammar: Any = None  # jaxgen.grammar.Grammar constraining every choice, or None
+    adapter: int = 0  # LoRA adapter index (0 = none; i = the engine's i-th stacked adapter)
     completion_tokens: int = 0  # summed over choices as they finish
 
 
@@ -248,8 +255,11 @@ class EngineConfig:
 class Engine:
     """Continuous batching over `num_slots` slots; `submit` is thread-safe, a daemon thread drives the device."""
 
-    def __init__(self, cfg, params, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, cfg, params, tokenizer, config: EngineConfig = EngineConfig(), lora=None):
+        """`lora`: stacked LoRA adapters (`models.lora.stack_adapters`), fixed for the engine's life, or None."""
         self.cfg, self.params, self.tokenizer, self.config = cfg, params, tokenizer, config
+        self.lora = lora
+        self.num_adapters = lora_lib.num_adapters(lora)
         self.context_limit = min(config.max_len, cfg.max_position_embeddings)
         self.dtype = jax.tree.leaves(params)[0].dtype
         self.state = init_decode_state(cfg, config.num_slots, config.max_len, self.dtype)
@@ -271,19 +281,23 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                loop: asyncio.AbstractEventLoop | None = None, param: str = "messages",
-               grammar=None) -> RequestHandle:
+               grammar=None, adapter: int = 0) -> RequestHandle:
         """Queue a request; raises InvalidRequestError / QueueFullError at once, never later.
 
         `param` names the request field the prompt came from, for error bodies; `grammar` (from
-        `grammars.compile_response_format`) constrains every choice.
+        `grammars.compile_response_format`) constrains every choice; `adapter` is the LoRA adapter
+        index (0 = none, 1..N = the stacked adapters).
         """
         params.validate(self.cfg.vocab_size)
         self.check_prompt(prompt_ids, params, param)
+        if not 0 <= adapter <= self.num_adapters:
+            raise NotFoundError(f"LoRA adapter index {adapter} not found; this engine has {self.num_adapters}",
+                                param="peft")
         with self.wake:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             handle = RequestHandle(next(self.request_ids), loop)
-            self.waiting.append(Request(list(prompt_ids), params, handle, grammar))
+            self.waiting.append(Request(list(prompt_ids), params, handle, grammar, adapter))
             self.wake.notify()
         return handle
 
@@ -309,8 +323,8 @@ class Engine:
                     pass
         for kv_len in all_buckets(self.config.max_len, MIN_KV_BUCKET):
             for rows in row_buckets(self.config.num_slots):
-                self.state, _ = decode_step(self.params, self.state, self.bitmask, self.eos_mask, cfg=self.cfg,
-                                            kv_len=kv_len, rows=rows)
+                self.state, _ = decode_step(self.params, self.state, self.bitmask, self.eos_mask, self.lora,
+                                            cfg=self.cfg, kv_len=kv_len, rows=rows)
         self.state = release_slot(self.state, jnp.int32(0))
 
     # ---- validation
@@ -376,7 +390,7 @@ class Engine:
         kv_len = bucket_for(max(needed, MIN_KV_BUCKET), self.config.max_len)
         rows = next(b for b in row_buckets(self.config.num_slots) if b > max(c.slot for c in active))
         bitmask = jnp.asarray(self.bitmask_rows) if self._constrained() else self.bitmask
-        self.state, packed = decode_step(self.params, self.state, bitmask, self.eos_mask, cfg=self.cfg,
+        self.state, packed = decode_step(self.params, self.state, bitmask, self.eos_mask, self.lora, cfg=self.cfg,
                                          kv_len=kv_len, rows=rows)
         for c in active:
             c.position += 1
@@ -409,7 +423,8 @@ class Engine:
         bucket = bucket_for(len(ids), self.context_limit)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :len(ids)] = ids
-        kv, last, scores = prefill_prompt(self.params, jnp.asarray(tokens), jnp.array([len(ids)], jnp.int32),
+        lora = () if self.lora is None else (self.lora, jnp.int32(request.adapter))  # none: the plain programs
+        kv, last, scores = prefill_prompt(self.params, jnp.asarray(tokens), jnp.array([len(ids)], jnp.int32), *lora,
                                           cfg=self.cfg, score=params.loglikelihood)
         request.handle.deliver(Admitted(len(ids), self._prompt_scores(ids, scores, params)))
         if not slots:  # max_tokens 0: scoring only, every choice ends at once
@@ -420,7 +435,7 @@ class Engine:
         for index, slot in enumerate(slots):
             key = row_key(params.seed, index, self.key_data, request.handle.request_id)
             row = make_row(params, ids, key, self.cfg.vocab_size)
-            self.state = insert_choice(self.state, kv, last, jnp.int32(slot), jnp.int32(len(ids)), row)
+            self.state = insert_choice(self.state, kv, last, jnp.int32(slot), jnp.int32(len(ids)), row, *lora[1:])
             matcher = request.grammar.matcher() if request.grammar is not None else None
             if matcher is not None:
                 matcher.fill_bitmask(self.bitmask_rows[slot])

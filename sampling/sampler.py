@@ -129,10 +129,12 @@ def _rank_cutoff(e: jax.Array, cutoff: jax.Array, state: SlotState) -> jax.Array
 def filter_weights(x: jax.Array, state: SlotState) -> jax.Array:
     """Steps 5-8 for sampled rows: f32[S, V] unnormalised tempered probabilities, 0 where dropped."""
     z = x / jnp.where(state.temperature > 0, state.temperature, 1.0)[:, None]
-    e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))  # p / p_max, so step 6 is e >= min_p
+    z_max = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - z_max)  # p / p_max, so step 6 is e >= min_p
     ranked = jnp.any(state.top_k > 0) | jnp.any(state.top_p < 1)
     cutoff = lax.cond(ranked, _rank_cutoff, lambda e, c, _: c, e, state.min_p, state)
-    return jnp.where(e >= cutoff[:, None], e, 0.0)
+    # The top token always survives, also where XLA's exp(0) rounds just below min_p = 1 (seen on CPU).
+    return jnp.where((e >= cutoff[:, None]) | (z == z_max), e, 0.0)
 
 
 def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:

@@ -1,0 +1,237 @@
+"""LoRA adapters (HF PEFT layout), stacked so every row of a batch can use its own adapter in one step.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, with tensors named
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+PEFT adds `(x @ A^T) @ B^T · scaling` to the projection's output, scaling = alpha / r (alpha / sqrt(r) with
+rslora).
+
+Stacked pytree (what `llama.prefill` / `llama.decode` take as `lora`), N adapters, index 0 = no adapter:
+    {"layers": L × {group: {"a": [in, N+1, R], "b": [N+1, R, out]}}}
+`a` keeps the adapter axis second so that `a.reshape(in, (N+1)·R)` is free: the one-hot form of `delta` (below)
+multiplies by every adapter's A at once as one plain matmul (with the adapter axis first, XLA CPU copied the
+transposed stack on every step).
+Groups mirror the fused base weights, so each runs as one pair of small matmuls added to the fused output:
+    "qkv" (q, k, v → wqkv), "o" (→ wo), "gate_up" (gate, up → w_gate_up), "down" (→ w_down).
+Inside a group each member owns a block of `rank` columns of `a` and rows of `b`; `b` is block-diagonal
+(member j's block maps onto its slice of the fused output). The scaling is folded into `b`; an adapter of a
+smaller rank, or without a member, has zeros there. A group no adapter targets is absent (costs nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.errors import ModelLoadError
+
+from .config import ModelConfig
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
+MODULE_PATH = {t: ("self_attn." if t in GROUPS["qkv"] + GROUPS["o"] else "mlp.") + t for t in TARGETS}
+MAX_LORA_RANK = 256
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight")
+# Config entries that change what the adapter computes and that we do not implement, when set (truthy).
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora)", "lora_bias": "LoRA biases (lora_bias)", "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable_token_indices", "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "fan_in_fan_out": "fan_in_fan_out", "use_qalora": "QA-LoRA (use_qalora)", "use_bdlora": "BD-LoRA (use_bdlora)",
+}
+Lora = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+    """One adapter on the host: per (layer, target) its A [in, r] and B [r, out] (scaling folded in), float32."""
+
+    path: str
+    rank: int  # the largest rank over its modules
+    weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset(t for _, t in self.weights)
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each target projection of the base model."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_config(config: dict, directory: str) -> None:
+    """Refuse, with the reason, every adapter option that would make our output differ from PEFT's."""
+    where = f"LoRA adapter {directory}"
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelLoadError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    for key, name in _UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise ModelLoadError(f"{where}: {name} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ModelLoadError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
+    targets = config.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        for t in targets:
+            name = str(t).rsplit(".", 1)[-1]
+            if name in ("lm_head", "embed_tokens"):
+                raise ModelLoadError(f"{where}: LoRA on {name} is not supported; supported target modules: "
+                                     f"{', '.join(TARGETS)}")
+            if name not in TARGETS:
+                raise ModelLoadError(f"{where}: target module {t!r} is not supported; supported target modules: "
+                                     f"{', '.join(TARGETS)}")
+    # A string (a regex, or "all-linear") is checked against the tensors actually saved, in `load_adapter`.
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise ModelLoadError(f"{where}: adapter_config.json needs a positive {key}")
+
+
+def load_adapter(directory: str | os.PathLike, cfg: ModelConfig, max_rank: int = MAX_LORA_RANK) -> LoraAdapter:
+    """Read and check an HF PEFT LoRA directory against the base model `cfg`; ModelLoadError says what is wrong."""
+    from .hf_loader import open_safetensors
+
+    directory = os.fspath(directory)
+    where = f"LoRA adapter {directory}"
+    if not os.path.isdir(directory):
+        raise ModelLoadError(f"{where}: no such directory")
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ModelLoadError(f"{where}: no {CONFIG_FILE} (expected an HF PEFT adapter directory)")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{where}: cannot read {CONFIG_FILE}: {e}") from e
+    _check_config(config, directory)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isfile(weights_path):
+        raise ModelLoadError(f"{where}: no {WEIGHTS_FILE} (adapter_model.bin is not supported; save with "
+                             "safe_serialization=True)")
+    handle = open_safetensors(weights_path)
+    tensors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for name in handle.keys():
+        m = _KEY.fullmatch(name)
+        if m is None:
+            if "lm_head" in name or "embed_tokens" in name:
+                raise ModelLoadError(f"{where}: LoRA on lm_head or embed_tokens is not supported ({name})")
+            raise ModelLoadError(f"{where}: unsupported tensor {name}; supported target modules: "
+                                 f"{', '.join(TARGETS)} (lora_A / lora_B weights only)")
+        layer, part, module, ab = int(m[1]), m[2], m[3], m[4]
+        if module not in TARGETS or MODULE_PATH[module] != f"{part}.{module}":
+            raise ModelLoadError(f"{where}: target module {part}.{module} is not supported; supported target "
+                                 f"modules: {', '.join(TARGETS)}")
+        if layer >= cfg.num_layers:
+            raise ModelLoadError(f"{where}: has layer {layer} but the base model has {cfg.num_layers} layers")
+        tensors.setdefault((layer, module), {})[ab] = np.asarray(handle.get_tensor(name), np.float32)
+    if not tensors:
+        raise ModelLoadError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
+    shapes = target_shapes(cfg)
+    weights, rank = {}, 0
+    for (layer, module), pair in sorted(tensors.items()):
+        if set(pair) != {"A", "B"}:
+            raise ModelLoadError(f"{where}: layer {layer} {module} lacks lora_{'A' if 'A' not in pair else 'B'}")
+        a, b = pair["A"], pair["B"]
+        fan_in, fan_out = shapes[module]
+        r = a.shape[0]
+        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
+            raise ModelLoadError(f"{where}: layer {layer} {module} has lora_A {a.shape} and lora_B {b.shape}; the "
+                                 f"base model needs [r, {fan_in}] and [{fan_out}, r] (an adapter for another model?)")
+        if r > max_rank:
+            raise ModelLoadError(f"{where}: rank {r} ({module}) is larger than the largest supported rank {max_rank}")
+        full_name = f"model.layers.{layer}.{MODULE_PATH[module]}"
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, full_name, config["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        weights[(layer, module)] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T * np.float32(scaling)))
+        rank = max(rank, r)
+    return LoraAdapter(directory, rank, weights)
+
+
+def stack_adapters(cfg: ModelConfig, adapters: Sequence[LoraAdapter], dtype, rank: int | None = None) -> Lora | None:
+    """The stacked pytree of `adapters` (index i + 1 = adapters[i]; 0 = none), zero-padded to `rank`
+    (default: the largest adapter rank). None when there are no adapters: the model then runs unchanged."""
+    if not adapters:
+        return None
+    largest = max(a.rank for a in adapters)
+    rank = rank or largest
+    if largest > rank:
+        raise ModelLoadError(f"LoRA rank {largest} is larger than the stack's rank {rank}")
+    shapes = target_shapes(cfg)
+    used = frozenset().union(*(a.targets for a in adapters))
+    layers = []
+    for layer in range(cfg.num_layers):
+        groups = {}
+        for group, members in GROUPS.items():
+            members = [m for m in members if m in used]
+            if not members:
+                continue
+            fan_in = shapes[members[0]][0]
+            outs = [shapes[m][1] for m in GROUPS[group]]  # the fused output holds every member, used or not
+            a = np.zeros((fan_in, len(adapters) + 1, rank * len(members)), np.float32)
+            b = np.zeros((len(adapters) + 1, rank * len(members), sum(outs)), np.float32)
+            for j, member in enumerate(members):
+                start = sum(outs[: GROUPS[group].index(member)])
+                for i, adapter in enumerate(adapters, start=1):
+                    if (layer, member) in adapter.weights:
+                        wa, wb = adapter.weights[(layer, member)]
+                        r = wa.shape[1]
+                        a[:, i, j * rank: j * rank + r] = wa
+                        b[i, j * rank: j * rank + r, start: start + wb.shape[1]] = wb
+            groups[group] = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
+        layers.append(groups)
+    return {"layers": layers}
+
+
+def num_adapters(lora: Lora | None) -> int:
+    """N, the number of real adapters in a stacked pytree (0 for None)."""
+    if lora is None:
+        return 0
+    return next(iter(lora["layers"][0].values()))["b"].shape[0] - 1
+
+
+def use_one_hot(rows: int, tokens: int, stacked: int) -> bool:
+    """Whether `delta` reads every adapter (one-hot) rather than gathering each row's: decode steps of several
+    rows with few adapters (N + 1 <= 5 per row). Measured on XLA CPU by bench/lora.py (SmolLM2-135M, r=16 on
+    all seven projections, ms added to a 4-row step): gathering costs ~10 per row whatever N, one-hot ~2 per
+    stacked adapter whatever the rows; a lone row gathers cheaply (+6 ms, as one-hot with N=1)."""
+    return tokens == 1 and rows > 1 and stacked + 1 <= 5 * rows
+
+
+def delta(x: jax.Array, w: dict, adapters: jax.Array) -> jax.Array:
+    """The LoRA term of one (fused) projection for x [B, T, in], each row b with adapter `adapters[b]`: [B, T, out].
+
+    Two exact ways to pick per-row weights, chosen statically by shape (`use_one_hot`; indices stay data):
+    - gather (Punica's BGMV): each row takes its adapter's A [in, R] and B [R, out], then two small matmuls.
+      Memory and time grow with the rows: for prefill, a lone decode row, or many adapters.
+    - one-hot: x [B·T, in] @ every adapter's A [in, (N+1)·R], zeroed outside each row's own adapter block, then
+      @ every adapter's B [(N+1)·R, out]: two plain matmuls that read each adapter once whatever the rows.
+    """
+    a, b = w["a"], w["b"]
+    fan_in, slots, rank = a.shape
+    rows, t = x.shape[0], x.shape[1]
+    if use_one_hot(rows, t, slots - 1):
+        own = adapters[:, None] == jnp.arange(slots * rank, dtype=adapters.dtype) // rank  # [B, (N+1)·R]
+        h = x @ a.reshape(fan_in, slots * rank)
+        h = jnp.where(own[:, None, :], h, jnp.zeros((), h.dtype))
+        return h @ b.reshape(slots * rank, b.shape[-1])
+    h = jnp.einsum("bti,ibr->btr", x, jnp.take(a, adapters, axis=1))
+    return jnp.einsum("btr,bro->bto", h, jnp.take(b, adapters, axis=0))
