@@ -179,3 +179,21 @@ def default_llm():
     jax.block_until_ready(llm.params)
     print(f"\ndefault model loaded from GGUF in {time.perf_counter() - t0:.2f} s")
     return llm
+
+
+class CompileCounter:
+    """Counts JAX traces (every new compilation, persistent-cache hits included, starts with one)."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name: str, duration: float, **kwargs) -> None:
+        if name == "/jax/core/compile/jaxpr_trace_duration":
+            self.count += 1
+
+
+@pytest.fixture(scope="session")
+def compile_counter():
+    """A session-wide CompileCounter; read `.count` before and after the code under test."""
+    return CompileCounter()

@@ -48,21 +48,6 @@ ENGINE = EngineConfig(num_slots=4, max_len=128, max_queue=64, seed=0)
 PROMPT = np.random.default_rng(7).integers(3, 384, 40).tolist()
 
 
-class CompileCounter:
-    """Counts JAX traces (each new compilation starts with one), as tests/engine/conftest.py does."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, name: str, duration: float, **kwargs) -> None:
-        if name == "/jax/core/compile/jaxpr_trace_duration":
-            self.count += 1
-
-
-COMPILES = CompileCounter()
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -174,19 +159,19 @@ def run_together(llm, jobs, max_tokens: int) -> list[list[int]]:
     return [collect_generations(h, 1)[0].token_ids for h in handles]
 
 
-def test_mixed_batch_equals_alone_and_never_recompiles(lora_llm, oracles):
+def test_mixed_batch_equals_alone_and_never_recompiles(lora_llm, oracles, compile_counter):
     """Adapter a1, a2, a3 and none in one batch: each row's greedy tokens equal its run alone and HF peft's
     `generate`; after warm-up no mix of adapters compiles anything."""
     n = 12
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 384, k).tolist() for k in (9, 20, 33, 14)]
     names = ["a1", "a2", None, "a3"]
-    before = COMPILES.count
+    before = compile_counter.count
     alone = [run_together(lora_llm, [(p, name)], n)[0] for p, name in zip(prompts, names)]
     together = run_together(lora_llm, list(zip(prompts, names)), n)
     same_prompt = run_together(lora_llm, [(prompts[0], name) for name in names], n)
     shuffled = run_together(lora_llm, [(prompts[0], name) for name in reversed(names)], n)
-    assert COMPILES.count == before, f"{COMPILES.count - before} compilations after warm-up"
+    assert compile_counter.count == before, f"{compile_counter.count - before} compilations after warm-up"
     for name, p, a, t in zip(names, prompts, alone, together):
         assert t == a, f"{name}: batched {t} != alone {a}"
         assert a == mo.hf_greedy(oracles[name], p, n), f"{name}: differs from peft's generate"

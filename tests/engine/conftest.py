@@ -1,7 +1,6 @@
-"""Engine fixtures: a small-slot LLM over the tiny model, and a counter of JAX compilations."""
+"""Engine fixtures: a small-slot LLM over the tiny model."""
 from __future__ import annotations
 
-import jax
 import pytest
 
 import jaxgen
@@ -17,21 +16,3 @@ def engine_llm(tiny_llm):
                      engine_config=ENGINE_CONFIG)
     llm.engine.warmup()
     return llm
-
-
-class CompileCounter:
-    """Counts JAX traces (every new compilation, persistent-cache hits included, starts with one)."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, name: str, duration: float, **kwargs) -> None:
-        if name == "/jax/core/compile/jaxpr_trace_duration":
-            self.count += 1
-
-
-@pytest.fixture(scope="session")
-def compile_counter():
-    """A session-wide CompileCounter; read `.count` before and after the code under test."""
-    return CompileCounter()
