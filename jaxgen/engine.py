@@ -509,13 +509,14 @@ class Engine:
 
 
 def row_buckets(num_slots: int) -> list[int]:
-    """Batch sizes the decode step is compiled for: powers of four below `num_slots`, then `num_slots`.
+    """Batch sizes the decode step is compiled for: powers of two below `num_slots`, then `num_slots`.
 
-    New requests take the lowest free slots, so a lightly loaded engine runs a small step.
+    New requests take the lowest free slots, so a lightly loaded engine runs a small step. (Powers of
+    four compiled fewer programs but ran 8 busy rows of a 32-slot engine as 16: 0.79x HF at 8 streams.)
     """
     sizes = [1]
-    while sizes[-1] * 4 < num_slots:
-        sizes.append(sizes[-1] * 4)
+    while sizes[-1] * 2 < num_slots:
+        sizes.append(sizes[-1] * 2)
     return sizes + [num_slots] if sizes[-1] < num_slots else sizes
 
 
