@@ -19,7 +19,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax
-import numpy as np
 
 import jaxgen
 from jaxgen.engine import ChoiceUpdate, EngineConfig

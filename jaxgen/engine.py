@@ -21,7 +21,7 @@ import functools
 import itertools
 import queue
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -377,6 +377,7 @@ class Engine:
         for request in {id(c.request): c.request for c in self.choices if c is not None}.values():
             request.handle.deliver(error)
         self.choices = [None] * self.config.num_slots
+        self.bitmask_rows[:] = -1  # no grammar survives: stale rows would mask the next unconstrained choices
         self.state = init_decode_state(self.cfg, self.config.num_slots, self.config.max_len, self.dtype)
 
     def _constrained(self) -> bool:

@@ -6,7 +6,7 @@ import json
 import jsonschema
 import pytest
 
-from jaxgen.errors import InvalidRequestError
+from jaxgen.errors import InvalidRequestError, JaxgenError
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "ok", "size"],
           "properties": {"name": {"type": "string", "enum": ["fox", "dog", "cat"]}, "ok": {"type": "boolean"},
@@ -59,3 +59,23 @@ def test_default_model_answers_in_valid_json(default_llm):
                              temperature=0.0, max_tokens=60)
     data = json.loads(reply["choices"][0]["message"]["content"])
     assert set(data) == {"city", "country"} and reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_an_engine_failure_fails_its_requests_and_leaves_no_stale_mask(engine_llm, monkeypatch):
+    engine = engine_llm.engine
+    alone = engine_llm.chat(MESSAGES, temperature=0.0, max_tokens=12, ignore_eos=True)
+    broken = {"left": 1}
+    real_advance = engine._advance
+
+    def advance_once_broken(choice, info):
+        if broken["left"]:
+            broken["left"] -= 1
+            raise RuntimeError("injected")
+        return real_advance(choice, info)
+
+    monkeypatch.setattr(engine, "_advance", advance_once_broken)
+    with pytest.raises(JaxgenError, match="internal error"):
+        engine_llm.chat(MESSAGES, response_format=FORMATS[0], max_tokens=30)
+    assert (engine.bitmask_rows == -1).all() and engine.stats()["running_slots"] == 0
+    again = engine_llm.chat(MESSAGES, temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert again["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
