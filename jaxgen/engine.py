@@ -470,7 +470,7 @@ class Engine:
         params = choice.request.params
         choice.generated += 1
         if info.token_id in self.eos_ids and (not params.ignore_eos or choice.matcher is not None):
-            return ChoiceUpdate(choice.index, self._flush(choice), (), "stop")
+            return ChoiceUpdate(choice.index, self._flush(choice), (info,), "stop")  # the token counts; no text
         text, stopped = choice.stops.feed(choice.detokenizer.add(info.token_id))
         if stopped:
             return ChoiceUpdate(choice.index, text, (info,), "stop")
