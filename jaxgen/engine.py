@@ -36,7 +36,7 @@ from jaxgen.sampling import (TOP_LOGPROBS, SamplingParams, SlotState, clear_slot
 from .buckets import all_buckets, bucket_for
 from .errors import InvalidRequestError, JaxgenError, NotFoundError, QueueFullError
 from .stops import StopStringMatcher
-from .tokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer
 
 MIN_KV_BUCKET = 128
 

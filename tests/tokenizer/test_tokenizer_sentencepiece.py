@@ -14,7 +14,8 @@ import re
 
 import pytest
 
-from jaxgen.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxgen.detokenizer import IncrementalDetokenizer
+from jaxgen.tokenizer import Tokenizer
 
 PLAIN = [
     "hello world", "the quick brown fox", "a\tb\nc\r\nd", "日本語 😀 Ω café", "numbers 123 4567!",

@@ -7,7 +7,8 @@ import pytest
 from tokenizer_texts import TEXTS
 
 from jaxgen.errors import ModelLoadError
-from jaxgen.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxgen.detokenizer import IncrementalDetokenizer
+from jaxgen.tokenizer import Tokenizer
 
 STREAMS = TEXTS + ["🇺🇸👨‍👩‍👧‍👦🧑🏽‍🚀" * 3, "漢字かな交じり文、한국어、中文混合。" * 2, "e\u0301\u0302\u0303 ǅ ﬁ 𝔘𝔫𝔦"]
 
