@@ -16,7 +16,7 @@ token by token:
         if matcher.is_complete(): finish the choice (finish_reason "stop"); its next mask would be EOS only
 
 The mask for step t+1 depends on the token of step t, so while a constrained slot is active the
-engine cannot dispatch step t+1 before reading step t back (the overlap of DESIGN.md): it reads
+engine cannot dispatch step t+1 before reading step t back (the host/device overlap of docs/architecture.md): it reads
 step t's tokens, consumes them, fills the masks, then dispatches. Unconstrained rows keep all ones
 (`full_bitmask`). Finish a choice as soon as `is_complete()` rather than by sampling the forced EOS:
 its EOS-only row meets `min_tokens`/`ignore_eos` EOS blocking (or a -inf `logit_bias`) as a row with

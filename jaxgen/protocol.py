@@ -1,7 +1,7 @@
 """Request models of the chat and legacy completion APIs: the one place request fields are checked.
 
 The Python API and the HTTP shim both call `parse_chat_request` / `parse_completion_request`, so a
-body means the same thing at every front door. Rules enforced here (SPEC.md, "Parameters"):
+body means the same thing at every front door. Rules enforced here (docs/api.md, "General request rules"):
   * unknown fields are ignored; a field sent as null takes its default ("not set");
   * a known field of the wrong type is a 400 naming it (`param`): no coercion of "2" to 2 or of
     true to 1, but integers are accepted where a number is expected;

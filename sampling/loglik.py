@@ -1,4 +1,4 @@
-"""Prompt log-likelihoods from the prefill logits (SPEC.md: loglikelihood)."""
+"""Prompt log-likelihoods from the prefill logits (docs/api.md: loglikelihood)."""
 from __future__ import annotations
 
 import jax

@@ -1,4 +1,4 @@
-"""Per-request sampling parameters and their validation (SPEC.md, "Parameters")."""
+"""Per-request sampling parameters and their validation (docs/api.md, "Chat completions parameters")."""
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +75,7 @@ def _check_real(params: SamplingParams, name: str, lo: float, hi: float, rule: s
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """One request's sampling settings; immutable and hashable. `validate` checks SPEC's ranges."""
+    """One request's sampling settings; immutable and hashable. `validate` checks the ranges of docs/api.md."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -102,7 +102,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", _normalize_stop(self.stop))
 
     def validate(self, vocab_size: int) -> None:
-        """Raise InvalidRequestError(param=<field>) for the first value outside SPEC's range."""
+        """Raise InvalidRequestError(param=<field>) for the first value outside its documented range."""
         _check_real(self, "temperature", 0.0, 2.0, "a number in [0, 2]")
         _check(_is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)", self.top_k)

@@ -1,4 +1,4 @@
-"""The vectorized sampler: SPEC.md's nine sampling steps for every slot in one jitted call.
+"""The vectorized sampler: the nine sampling steps of docs/api.md ("Sampling order") for every slot in one jitted call.
 
 Every setting is a per-row array in SlotState, so no value of any parameter recompiles. Stages
 that cost time (penalties, ranking for top_k/top_p, the draw) sit behind `lax.cond` on whether
@@ -36,7 +36,7 @@ _HALVINGS = (_ONE_BITS + 1).bit_length()  # 30 bisection steps narrow [0, 1] dow
 
 @struct.dataclass
 class SampleOutput:
-    """One step's result per slot; logprobs are of the raw model distribution (SPEC: logprobs)."""
+    """One step's result per slot; logprobs are of the raw model distribution (docs/api.md: logprobs)."""
 
     tokens: jax.Array  # i32[S]
     logprobs: jax.Array  # f32[S]; log_softmax(raw logits) at the chosen token

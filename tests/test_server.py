@@ -86,7 +86,7 @@ class ScriptedLLM:
         return words, finish, usage
 
     async def _chunks(self, req, obj, choice):
-        """Chunk dicts in SPEC's wire format; `choice(index, text, finish, first)` shapes one choice."""
+        """Chunk dicts in the wire format of docs/api.md; `choice(index, text, finish, first)` shapes one choice."""
         params = self._submit(req)
         words, finish, usage = self._outcome(req, params)
         script = self._script(req)

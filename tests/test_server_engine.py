@@ -75,7 +75,7 @@ def log_softmax(logits) -> np.ndarray:
 def greedy(llm, ids, max_tokens: int, *, repetition_penalty: float = 1.0, ignore_eos: bool = True):
     """Reference greedy continuation, one full prefill (`llm.logits`) per token: -> (new ids, finish_reason).
 
-    `repetition_penalty` as SPEC: for every token seen in prompt or output, logit / r if > 0 else logit * r.
+    `repetition_penalty` as docs/api.md: for every token seen in prompt or output, logit / r if > 0 else logit * r.
     """
     limit = min(llm.engine_config.max_len, llm.cfg.max_position_embeddings)
     seq, new = list(ids), []

@@ -1,4 +1,4 @@
-"""Tool calls (SPEC `tools` / `tool_choice`): the incremental parser, the grammars (random walks over their token
+"""Tool calls (docs/api.md `tools` / `tool_choice`): the incremental parser, the grammars (random walks over their token
 masks), the engine on the tiny model, the HTTP shim through the `openai` client, and one default-model call.
 
 The oracle for every generated call is `jsonschema`: its arguments must parse and validate against its tool's
@@ -324,7 +324,7 @@ def test_auto_with_json_format_answers_or_calls(llm, bias, call):
 
 
 def check_wire(chunks: list[dict]) -> dict[int, dict]:
-    """SPEC's streaming rules for tool calls; -> per choice {content, calls: [(id, name, arguments)], finish}."""
+    """Tool-call streaming rules (docs/api.md); -> per choice {content, calls: [(id, name, arguments)], finish}."""
     out: dict[int, dict] = {}
     for chunk in chunks:
         assert chunk["object"] == "chat.completion.chunk"

@@ -1,6 +1,6 @@
-"""Plain NumPy (float64) transcription of SPEC.md's sampling formulas, one row at a time: the oracle.
+"""Plain NumPy (float64) transcription of the sampling formulas of docs/api.md, one row at a time: the oracle.
 
-Written from SPEC.md ("Parameters", "Sampling order") and the documented tie rule, not from the
+Written from docs/api.md ("Chat completions parameters", "Sampling order") and the documented tie rule, not from the
 JAX code: min_p, top_k and top_p are applied one after the other, each on the distribution the
 previous one left (renormalised), and each keeps every token whose probability ties its cutoff.
 """

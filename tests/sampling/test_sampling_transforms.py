@@ -1,4 +1,4 @@
-"""Each sampling step against the NumPy reference of SPEC.md's formulas, on mixed batches."""
+"""Each sampling step against the NumPy reference of the formulas in docs/api.md, on mixed batches."""
 from __future__ import annotations
 
 import jax
