@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora", action="append", default=[], metavar="ID=PATH", type=lora_arg,
                        help="serve the HF PEFT LoRA adapter in directory PATH as model/peft id ID (repeatable)")
     serve.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start-up")
+    serve.add_argument("--allow-additional-properties", action="store_true",
+                       help="JSON schemas without additionalProperties accept undeclared keys, as JSON Schema "
+                            "says (default: strict, they refuse them)")
     return parser
 
 
@@ -85,7 +88,8 @@ def run_serve(args) -> int:
     from jaxgen.server import serve
 
     enable_compile_cache()
-    config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue)
+    config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
+                          strict_schemas=not args.allow_additional_properties)
     llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log,
                       adapters=dict(args.lora))
     if not args.no_warmup:

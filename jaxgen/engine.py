@@ -250,6 +250,7 @@ class EngineConfig:
     max_queue: int = 256
     seed: int = 0
     prefill_budget: int = 512  # prompt tokens prefilled between two decode steps (at least one request)
+    strict_schemas: bool = True  # JSON schemas refuse undeclared keys (grammar.strict_schema)
 
 
 class Engine:
@@ -305,7 +306,7 @@ class Engine:
     def grammars(self):
         """The grammar compiler for this tokenizer (built on first use: ~0.1 s)."""
         from .grammar import GrammarCompiler
-        return GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
+        return GrammarCompiler(self.tokenizer, self.cfg.vocab_size, strict=self.config.strict_schemas)
 
     def stats(self) -> dict:
         """Queue depth and slot occupancy, for /metrics."""

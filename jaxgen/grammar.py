@@ -45,6 +45,12 @@ client cannot change this: the top-level "x-guidance" key of its schema (llguida
 block) is dropped, and the options are fixed so that every output validates against the schema:
 no `lenient` mode (an unsupported keyword is a 400, never silently ignored) and no `coerce_one_of`
 (`oneOf` is a 400: anyOf-coerced output might match several branches and so fail validation).
+
+Strict schemas (the default; `GrammarCompiler(strict=False)`, the server's `--allow-additional-properties`,
+turns it off): JSON Schema lets an object without `additionalProperties` hold any undeclared key, and a
+small model given that freedom invents keys until max_tokens, so its JSON never closes. Every schema
+(response formats and tool parameters alike) is compiled as `strict_schema` rewrites it: an object that
+declares its keys gets `additionalProperties: false` unless it says otherwise (details there).
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ from jaxgen.errors import InvalidRequestError, JaxgenError
 if TYPE_CHECKING:
     from jaxgen.tokenizer import Tokenizer
 
-__all__ = ["GrammarCompiler", "Grammar", "GrammarMatcher", "JSON_OPTIONS"]
+__all__ = ["GrammarCompiler", "Grammar", "GrammarMatcher", "JSON_OPTIONS", "strict_schema"]
 
 # llguidance JSON compile options, applied as overrides (see the module docstring).
 JSON_OPTIONS = {
@@ -74,6 +80,97 @@ JSON_OPTIONS = {
 }
 _ANY_OBJECT = {"type": "object"}
 _MAX_REASON_CHARS = 500
+
+
+# Where subschemas sit in a schema (`strict_schema` walks exactly these; `not` and `if` are left alone:
+# closing an object inside them would widen what the schema accepts, not narrow it).
+_SUBSCHEMA = ("items", "additionalItems", "unevaluatedItems", "contains", "additionalProperties")
+_SUBSCHEMA_LISTS = ("prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# Parts: subschemas that describe the same value as the schema holding them.
+_PART_LISTS = ("allOf", "anyOf", "oneOf")
+_PART_MAPS = ("dependentSchemas", "dependencies")
+_PART = ("then", "else")
+_OPEN_KEYWORDS = ("additionalProperties", "unevaluatedProperties")
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of `schema` in which undeclared keys are refused: every object schema that declares its keys
+    (`properties`, even empty, or `patternProperties`) and says nothing of `additionalProperties` (nor of
+    `unevaluatedProperties`) gets `additionalProperties: false`, at any depth.
+
+    Why: llguidance follows JSON Schema literally (a missing `additionalProperties` allows any key), and small
+    models then invent keys until max_tokens. Left as written: an object that declares no keys
+    (`{"type": "object"}` is any object), an explicit `additionalProperties` (true or a schema, walked),
+    whatever sits under `not` or `if`, and an object assembled from several pieces that each declare keys
+    (its own `properties` beside an `allOf`/`anyOf`/`oneOf` member's, a `$ref`'s or a `then`'s, or two
+    `allOf` members): closing one piece would refuse its siblings' keys, so neither those pieces nor the
+    `$ref` targets they use are closed. Closing only narrows: every output still validates against the
+    schema as given. The input is not modified.
+    """
+    open_refs: set[str] = set()
+    while True:  # a $ref target used as a piece stays open; found in one pass, applied in the next
+        found: set[str] = set()
+        result = _close(schema, "#", False, open_refs, found)
+        if found <= open_refs:
+            return result
+        open_refs |= found
+
+
+def _close(schema: Any, pointer: str, piece: bool, open_refs: set[str], found: set[str]) -> Any:
+    """`strict_schema` of the subschema at JSON pointer `pointer`; `piece`: it is a piece of a larger object."""
+    if not isinstance(schema, Mapping):
+        return schema
+    assembled = piece or pointer in open_refs or _pieces(schema) >= 2
+    out = dict(schema)
+    for key, value in schema.items():
+        at = pointer + "/" + _escape(key)
+        as_piece = assembled and key in _PART + _PART_LISTS + _PART_MAPS
+        if isinstance(value, Mapping) and key in _SUBSCHEMA + _PART:
+            out[key] = _close(value, at, as_piece, open_refs, found)
+        elif isinstance(value, list) and key in _SUBSCHEMA_LISTS + _PART_LISTS:
+            out[key] = [_close(v, f"{at}/{i}", as_piece, open_refs, found) for i, v in enumerate(value)]
+        elif isinstance(value, Mapping) and key in _SUBSCHEMA_MAPS + _PART_MAPS:
+            out[key] = {k: _close(v, at + "/" + _escape(k), as_piece, open_refs, found) for k, v in value.items()}
+    if assembled and isinstance(schema.get("$ref"), str):
+        found.add(schema["$ref"])
+    elif _declares_keys(schema) and not assembled and not any(k in schema for k in _OPEN_KEYWORDS):
+        out["additionalProperties"] = False
+    return out
+
+
+def _escape(key: str) -> str:
+    """`key` as one JSON-pointer segment."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _declares_keys(schema: Any) -> bool:
+    """The schema itself names object keys."""
+    return isinstance(schema, Mapping) and ("properties" in schema or "patternProperties" in schema)
+
+
+def _shapes_keys(schema: Any) -> bool:
+    """The schema, its `$ref` or one of its parts may name object keys."""
+    return isinstance(schema, Mapping) and (_declares_keys(schema) or "$ref" in schema or any(
+        map(_shapes_keys, [schema.get(k) for k in _PART] + _members(schema, _PART_LISTS + _PART_MAPS))))
+
+
+def _members(schema: Mapping[str, Any], keys: Sequence[str]) -> list[Any]:
+    """The subschemas listed (or mapped to) under `keys` of `schema`."""
+    out: list[Any] = []
+    for key in keys:
+        value = schema.get(key)
+        out += value if isinstance(value, list) else list(value.values()) if isinstance(value, Mapping) else []
+    return out
+
+
+def _pieces(schema: Mapping[str, Any]) -> int:
+    """How many pieces naming keys apply to the value together: its own keys, its `$ref`, each allOf member
+    and dependent schema, and once each the alternatives of anyOf, of oneOf and of then/else."""
+    together = _members(schema, ("allOf", *_PART_MAPS))
+    alternatives = [_members(schema, ("anyOf",)), _members(schema, ("oneOf",)), [schema.get(k) for k in _PART]]
+    return (_declares_keys(schema) + ("$ref" in schema) + sum(map(_shapes_keys, together))
+            + sum(any(map(_shapes_keys, group)) for group in alternatives))
 
 
 class _TokenizerView:
@@ -132,15 +229,17 @@ class GrammarCompiler:
     """Compiles response formats and JSON schemas for one tokenizer and model vocabulary size.
 
     Building the llguidance tokenizer (a trie of every token's bytes) takes ~0.2 s: do it once
-    per model. Compiled grammars are cached by their schema's JSON text (an LRU of `cache_size`).
+    per model. Compiled grammars are cached by their schema's JSON text and `strict` (an LRU of `cache_size`).
+    `strict`: compile every schema as `strict_schema` rewrites it (undeclared keys refused; see there).
     Thread-safe.
     """
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, cache_size: int = 64):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, strict: bool = True, cache_size: int = 64):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
+        self.strict = bool(strict)
         self.tokenizer_vocab_size = tokenizer.vocab_size
         # llguidance sees the ids both the model can produce and the tokenizer knows (a model whose
         # embedding is narrower than the tokenizer never gets a mask that only its missing ids satisfy).
@@ -226,8 +325,8 @@ class GrammarCompiler:
             lark, llguidance.LLMatcher.grammar_from_lark(lark), param, what))
 
     def schema_text(self, schema: Any, param: str) -> str:
-        """A client's JSON schema as compact JSON text, its "x-guidance" block dropped; 400 when it is not an
-        object (or `true`) or not JSON."""
+        """A client's JSON schema as compact JSON text, its "x-guidance" block dropped and, when `strict`, its
+        objects closed (`strict_schema`); 400 when it is not an object (or `true`) or not JSON."""
         if self._unsupported is not None:
             raise InvalidRequestError(f"{param} is not supported for this model: {self._unsupported}", param=param)
         if schema is True:
@@ -235,13 +334,16 @@ class GrammarCompiler:
         if not isinstance(schema, Mapping):
             raise InvalidRequestError(f"the JSON schema in {param} must be an object", param=param)
         schema = {k: v for k, v in schema.items() if k != "x-guidance"}
+        if self.strict:
+            schema = strict_schema(schema)
         try:
             return json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidRequestError(f"the JSON schema in {param} is not valid JSON: {e}", param=param) from e
 
     def _cached(self, key: str, compile_: Callable[[], Grammar]) -> Grammar:
-        """The grammar under `key` in the LRU, compiled (outside the lock) when missing."""
+        """The grammar under `key` (and `strict`) in the LRU, compiled (outside the lock) when missing."""
+        key = f"strict={self.strict}:{key}"
         with self._lock:
             grammar = self._cache.get(key)
             if grammar is not None:

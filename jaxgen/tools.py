@@ -20,8 +20,10 @@ are out of scope: their models are still constrained to, and parsed in, this for
   auto      (the default with tools) free text that never contains `<tool_call>`, or text with calls
             in it (at most one when `parallel_tool_calls` is false). With a JSON `response_format`,
             the alternative to calls is that JSON instead of free text.
-In every mode the arguments parse and validate against the tool's `parameters` (empty or absent:
-any object). For "required" and "auto", `ToolCallParser` turns the choice's text into content and
+In every mode the arguments parse and validate against the tool's `parameters`, and by default hold only
+the keys it declares (`jaxgen.grammar.strict_schema`: an object schema with `properties` and no
+`additionalProperties` refuses other keys; absent `parameters` take `{}`, `{"type": "object"}` any
+object). For "required" and "auto", `ToolCallParser` turns the choice's text into content and
 calls; finish_reason becomes "tool_calls" when a call was made and the choice ended by "stop".
 
 The grammars are llguidance Lark (docs/syntax.md, "Tool calling" and "Inline JSON Schemas"):
@@ -47,7 +49,7 @@ __all__ = ["ToolPlan", "plan_tools", "tool_grammar_source", "ToolCallParser", "T
 
 # Tool arguments are rendered the way json.dumps renders past calls into the prompt: ", " and ": ".
 TOOL_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ", ", "key_separator": ": "}
-EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # what a tool without `parameters` takes (as vLLM)
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # a tool without `parameters` (as vLLM): `{}` when strict
 CALL_SEPARATOR = "\n"
 _FREE_TEXT = "/(?s:.*)/"
 

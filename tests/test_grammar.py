@@ -8,6 +8,7 @@ model vocabularies wider and narrower than the tokenizer's. Timings are printed 
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from jaxgen.errors import InvalidRequestError, JaxgenError
-from jaxgen.grammar import GrammarCompiler
+from jaxgen.grammar import GrammarCompiler, strict_schema
 from jaxgen.tokenizer import Tokenizer
 
 PERSON = {
@@ -359,6 +360,134 @@ def test_client_x_guidance_cannot_loosen_the_output(compiler, tokenizer):
     assert {tokenizer.token_bytes(int(t)) for t in allowed_ids(row)} <= {b"{", b"{}", b'{"'}
     with pytest.raises(InvalidRequestError):  # lenient would ignore "not"
         compiler.compile_json_schema({"not": {}, "x-guidance": {"lenient": True}}, param="response_format")
+
+
+# ---- strict schemas: undeclared keys refused -------------------------------------------------------
+
+NESTED = {  # objects that declare their keys at every place a subschema can sit, none saying additionalProperties
+    "type": "object",
+    "properties": {
+        "place": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+        "pair": {"type": "array", "prefixItems": [{"properties": {"a": {}}}, {"$ref": "#/$defs/point"}]},
+        "either": {"anyOf": [{"properties": {"x": {}}}, {"type": "null"}]},
+        "one": {"oneOf": [{"properties": {"y": {}}}, {"type": "integer"}]},
+        "map": {"type": "object", "additionalProperties": {"type": "object", "properties": {"v": {}}}},
+        "pattern": {"patternProperties": {"^x-": {"properties": {"w": {}}}}},
+        "nothing": {"type": "object", "properties": {}},
+        "then": {"if": {"type": "object"}, "then": {"properties": {"t": {}}}},
+    },
+    "$defs": {"point": {"type": "object", "properties": {"lat": {}, "lon": {}}}},
+    "definitions": {"old": {"properties": {"z": {}}}},
+}
+NESTED_CLOSED = ["", "/properties/place", "/properties/tags/items", "/properties/pair/prefixItems/0",
+                 "/properties/either/anyOf/0", "/properties/one/oneOf/0", "/properties/map/additionalProperties",
+                 "/properties/pattern", "/properties/pattern/patternProperties/^x-", "/properties/nothing",
+                 "/properties/then/then", "/$defs/point", "/definitions/old"]
+
+
+def at(schema, pointer: str):
+    """The subschema at a JSON pointer (without its leading "#")."""
+    for part in pointer.split("/")[1:]:
+        schema = schema[int(part)] if isinstance(schema, list) else schema[part]
+    return schema
+
+
+def test_strict_schema_closes_every_object_that_declares_keys():
+    before = copy.deepcopy(NESTED)
+    out = strict_schema(NESTED)
+    assert NESTED == before  # the caller's schema is not modified
+    for pointer in NESTED_CLOSED:
+        assert at(out, pointer)["additionalProperties"] is False, pointer
+        del at(out, pointer)["additionalProperties"]
+    assert out == NESTED  # nothing else changed
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object"},  # declares no keys: any object
+    {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+    {"type": "object", "properties": {"a": {}}, "unevaluatedProperties": False},
+    {"not": {"type": "object", "properties": {"a": {}}}},  # closing under not would widen the schema
+    {"if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}},
+    {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},  # pieces of one object
+    {"properties": {"a": {}}, "anyOf": [{"properties": {"b": {}}}, {"properties": {"c": {}}}]},
+    {"properties": {"a": {}}, "$ref": "#/$defs/b", "$defs": {"b": {"properties": {"b": {}}}}},
+    {"allOf": [{"$ref": "#/$defs/b"}, {"properties": {"a": {}}}], "$defs": {"b": {"properties": {"b": {}}}}},
+    {"type": "array", "items": {"type": "string"}},
+    True,
+])
+def test_strict_schema_keeps_what_it_must_not_close(schema):
+    assert strict_schema(schema) == schema
+
+
+def test_strict_schema_closes_what_open_pieces_hold_and_lone_references():
+    explicit = strict_schema({"type": "object", "additionalProperties": {"properties": {"v": {}}}})
+    assert explicit == {"type": "object", "additionalProperties": {"properties": {"v": {}},
+                                                                  "additionalProperties": False}}
+    pieces = strict_schema({"allOf": [{"properties": {"a": {"properties": {"x": {}}}}}, {"properties": {"b": {}}}]})
+    assert "additionalProperties" not in pieces["allOf"][0]
+    assert pieces["allOf"][0]["properties"]["a"]["additionalProperties"] is False  # a value inside a piece
+    wrapped = strict_schema({"allOf": [{"$ref": "#/$defs/p"}], "description": "one piece: a plain reference",
+                             "$defs": {"p": {"properties": {"a": {}}}}})
+    assert wrapped["$defs"]["p"]["additionalProperties"] is False
+    anyof = strict_schema({"properties": {"a": {}, "b": {}}, "anyOf": [{"required": ["a"]}, {"required": ["b"]}]})
+    assert anyof["additionalProperties"] is False  # alternatives naming no keys leave the object whole
+
+
+@pytest.fixture(scope="module")
+def loose_compiler(tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, tokenizer.vocab_size, strict=False)
+
+
+def accepts(compiler: GrammarCompiler, response_format: dict, value) -> bool:
+    """The grammar of `response_format` accepts `value` written as compact JSON, token by token."""
+    matcher = compiler.compile_response_format(response_format).matcher()
+    try:
+        for t in compiler.tokenizer.encode(json.dumps(value, separators=(",", ":"))):
+            matcher.consume(t)
+    except JaxgenError:
+        return False
+    return matcher.is_complete()
+
+
+WEATHER = {"type": "object", "required": ["city"], "properties": {
+    "city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
+    "where": {"type": "object", "properties": {"lat": {"type": "number"}}}}}
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}},
+    {"type": "json_object", "schema": WEATHER}])
+def test_strict_grammars_refuse_undeclared_keys_and_loose_ones_allow_them(compiler, loose_compiler, response_format):
+    good = {"city": "Paris", "unit": "c", "where": {"lat": 48.8}}
+    extra = {"city": "Paris", "unit": "c", "type": "string"}
+    nested_extra = {"city": "Paris", "where": {"lat": 48.8, "lon": 2.3}}
+    assert accepts(compiler, response_format, good) and accepts(loose_compiler, response_format, good)
+    assert not accepts(compiler, response_format, extra) and not accepts(compiler, response_format, nested_extra)
+    assert accepts(loose_compiler, response_format, extra) and accepts(loose_compiler, response_format, nested_extra)
+    assert compiler.compile_response_format(response_format) is not loose_compiler.compile_response_format(
+        response_format)
+
+
+def test_strict_grammars_honour_open_objects(compiler):
+    explicit = {"type": "json_schema", "json_schema": {"name": "w", "schema": {**WEATHER, "additionalProperties": True}}}
+    assert accepts(compiler, explicit, {"city": "Paris", "type": "string"})
+    assert not accepts(compiler, explicit, {"city": "Paris", "where": {"lon": 2.3}})  # still closed inside
+    assert accepts(compiler, {"type": "json_object"}, {"any": {"thing": [1]}})
+
+
+def test_strict_random_walks_never_add_a_key(compiler, loose_compiler):
+    """Uniform walks over ITEMS (whose item objects say nothing of additionalProperties): strict ones keep to the
+    declared keys, loose ones do not."""
+    declared = set(ITEMS["properties"]["items"]["items"]["properties"])
+    extra = {}
+    for name, c in (("strict", compiler), ("loose", loose_compiler)):
+        grammar, rng, extra[name] = c.compile_response_format(RESPONSE_FORMATS["items_octoai"]), np.random.default_rng(5), 0
+        for _ in range(6):
+            ids, _ = walk(c, grammar, rng, explore=30)
+            value = check_output(c.tokenizer, ids, ITEMS)
+            extra[name] += len(set(value) - {"items"}) + sum(len(set(item) - declared) for item in value["items"])
+    assert extra["strict"] == 0 and extra["loose"] > 0, extra
 
 
 # ---- model vocabulary != tokenizer vocabulary; sentencepiece --------------------------------------

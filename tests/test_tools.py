@@ -20,7 +20,8 @@ import pytest
 import jaxgen
 from jaxgen.chat_template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from jaxgen.engine import EngineConfig
-from jaxgen.errors import InvalidRequestError
+from jaxgen.errors import InvalidRequestError, JaxgenError
+from jaxgen.grammar import GrammarCompiler
 from jaxgen.server import create_app
 from jaxgen.tokenizer import Tokenizer
 from jaxgen.tools import TextDelta, ToolCall, ToolCallParser, plan_tools
@@ -36,6 +37,9 @@ TIME = {"type": "function", "function": {
                    "properties": {"tz": {"type": "string", "maxLength": 4}}}}}
 TOOLS = [WEATHER, TIME]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+OPEN_TOOLS = [{"type": "function", "function": {**t["function"], "parameters": {  # additionalProperties unsaid
+    k: v for k, v in t["function"]["parameters"].items() if k != "additionalProperties"}}} for t in TOOLS]
+OPEN_PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in OPEN_TOOLS}
 ANSWER = {"type": "object", "additionalProperties": False, "required": ["answer"],
           "properties": {"answer": {"enum": ["yes", "no"]}}}
 ANSWER_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
@@ -73,6 +77,12 @@ def llm(tiny_llm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def compiler(llm):
     return llm.engine.grammars
+
+
+@pytest.fixture(scope="module")
+def loose_compiler(llm):
+    """The compiler of an engine with `strict_schemas=False`: undeclared keys allowed, as JSON Schema says."""
+    return GrammarCompiler(llm.tokenizer, llm.cfg.vocab_size, strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -225,17 +235,45 @@ def test_auto_with_a_json_format_is_that_json_or_calls(llm, compiler):
     assert kinds == {True, False}
 
 
-def test_named_grammar_is_the_arguments_schema(llm, compiler):
+def test_named_grammar_is_the_arguments_schema(llm, compiler, loose_compiler):
     plan = plan_tools(compiler, TOOLS, named("get_time"))
     assert (plan.mode, plan.name) == ("named", "get_time")
     rng = random.Random(4)
     for _ in range(10):
         jsonschema.validate(json.loads(walk(plan.grammar, llm.tokenizer, rng)), PARAMETERS["get_time"])
-    # a tool without parameters takes any object
-    matcher = plan_tools(compiler, [{"type": "function", "function": {"name": "ping"}}], named("ping")).grammar.matcher()
-    for t in llm.tokenizer.encode("{}"):
-        matcher.consume(t)
-    assert matcher.is_complete()
+    # a tool without parameters takes no arguments: {} (any object when loose)
+    ping = [{"type": "function", "function": {"name": "ping"}}]
+    assert accepts(plan_tools(compiler, ping, named("ping")).grammar, llm.tokenizer, "{}")
+    assert not accepts(plan_tools(compiler, ping, named("ping")).grammar, llm.tokenizer, '{"a": 1}')
+    assert accepts(plan_tools(loose_compiler, ping, named("ping")).grammar, llm.tokenizer, '{"a": 1}')
+
+
+def accepts(grammar, tokenizer, text: str) -> bool:
+    """`grammar` takes `text` token by token, and it is a match (more may follow, e.g. another call)."""
+    matcher = grammar.matcher()
+    try:
+        for t in tokenizer.encode(text):
+            matcher.consume(t)
+    except JaxgenError:
+        return False
+    return matcher.is_accepting()
+
+
+@pytest.mark.parametrize("choice", [named("get_weather"), "required", "auto"], ids=["named", "required", "auto"])
+def test_undeclared_argument_keys_only_when_loose(llm, compiler, loose_compiler, choice):
+    """Tools whose parameters say nothing of additionalProperties: strict grammars (the default) keep to the
+    declared keys, loose ones (`strict=False`) take others."""
+    strict, loose = (plan_tools(c, OPEN_TOOLS, choice, parallel=False) for c in (compiler, loose_compiler))
+    arguments = '{"city": "Paris", "type": "string"}'  # get_weather declares no "type"
+    text = arguments if strict.mode == "named" else (
+        f'{TOOL_CALL_OPEN}\n{{"name": "get_weather", "arguments": {arguments}}}\n{TOOL_CALL_CLOSE}')
+    assert accepts(loose.grammar, llm.tokenizer, text) and not accepts(strict.grammar, llm.tokenizer, text)
+    marker, rng = llm.tokenizer.encode(TOOL_CALL_OPEN), random.Random(6)
+    for _ in range(15):
+        text = walk(strict.grammar, llm.tokenizer, rng, inject=marker if choice == "auto" else None, eos_p=0.5,
+                    max_injections=1)
+        for name, arguments in [("get_weather", text)] if strict.mode == "named" else parse([text])[1]:
+            check_call(name, arguments)  # PARAMETERS: the same tools, closed
 
 
 def test_no_plan_without_tools_or_with_none(compiler):
@@ -424,6 +462,23 @@ def test_a_bad_tool_schema_is_a_400_before_streaming(client):
     assert info.value.body["param"] == "tools"
 
 
+@pytest.mark.parametrize("flag, strict", [([], True), (["--allow-additional-properties"], False)])
+def test_serve_flag_sets_strict_schemas(monkeypatch, flag, strict):
+    """`jaxgen serve --allow-additional-properties` builds its engine with strict_schemas off (loading stops there)."""
+    from jaxgen import cli
+
+    configs = []
+
+    def load(*args, engine_config, **kwargs):
+        configs.append(engine_config)
+        raise KeyboardInterrupt  # stop before loading a model or serving
+
+    monkeypatch.setattr(jaxgen, "load", load)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["serve", "--no-warmup", *flag])
+    assert [c.strict_schemas for c in configs] == [strict]
+
+
 # ----------------------------------------------------------------------------- 5. the default model
 
 @pytest.mark.slow
@@ -442,3 +497,30 @@ def test_default_model_calls_the_weather_tool(default_llm):
         assert call["function"]["name"] == "get_weather"
         jsonschema.validate(json.loads(call["function"]["arguments"]), weather["function"]["parameters"])
     print("\ndefault model:", calls[0]["function"]["arguments"], choice["finish_reason"])
+
+
+README_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {  # the README's, with a unit
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+@pytest.mark.parametrize("choice", [named("get_weather"), "required"], ids=["named", "required"])
+def test_default_model_weather_arguments_close_within_100_tokens(default_llm, choice, stream):
+    """The README's tool, whose parameters say nothing of additionalProperties: the calls parse, validate and hold
+    only the declared keys (with undeclared keys allowed, the greedy named call adds "type", "unit_c", "required")."""
+    kwargs = dict(tools=[README_WEATHER], tool_choice=choice, temperature=0.0, max_tokens=100)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    if stream:
+        (state,) = check_wire(list(default_llm.chat(messages, stream=True, **kwargs))).values()
+        finish, calls = state["finish"], [(name, arguments) for _, name, arguments in state["calls"]]
+    else:
+        body = default_llm.chat(messages, **kwargs)["choices"][0]
+        finish = body["finish_reason"]
+        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in body["message"]["tool_calls"]]
+    assert calls and finish == ("tool_calls" if choice == "required" else "stop")
+    parameters = README_WEATHER["function"]["parameters"]
+    for name, arguments in calls:
+        value = json.loads(arguments)
+        jsonschema.validate(value, parameters)
+        assert name == "get_weather" and set(value) <= set(parameters["properties"]), arguments

@@ -61,6 +61,31 @@ def test_default_model_answers_in_valid_json(default_llm):
     assert set(data) == {"city", "country"} and reply["choices"][0]["finish_reason"] == "stop"
 
 
+NESTED_CITY = {"type": "object", "required": ["city", "country", "location"], "properties": {  # no additionalProperties
+    "city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},
+    "location": {"type": "object", "required": ["lat", "lon"],
+                 "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}}}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_default_model_keeps_to_the_declared_keys_of_a_nested_schema(default_llm, stream):
+    """Strict by default: no undeclared key at any depth (allowed, the greedy answer adds "address" to location)."""
+    kwargs = dict(response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": NESTED_CITY}},
+                  temperature=0.0, max_tokens=100)
+    messages = [{"role": "user", "content": "Give a city, its country and its location as JSON."}]
+    if stream:
+        chunks = [c["choices"][0] for c in default_llm.chat(messages, stream=True, **kwargs) if c["choices"]]
+        text, finish = "".join(c["delta"].get("content") or "" for c in chunks), chunks[-1]["finish_reason"]
+    else:
+        choice = default_llm.chat(messages, **kwargs)["choices"][0]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    value = json.loads(text)
+    jsonschema.validate(value, NESTED_CITY)
+    assert finish == "stop" and set(value) == set(NESTED_CITY["properties"]), text
+    assert set(value["location"]) == {"lat", "lon"}, text
+
+
 def test_an_engine_failure_fails_its_requests_and_leaves_no_stale_mask(engine_llm, monkeypatch):
     engine = engine_llm.engine
     alone = engine_llm.chat(MESSAGES, temperature=0.0, max_tokens=12, ignore_eos=True)
