@@ -39,7 +39,8 @@ def all_logits(params, cfg, tokens, length, lora=None, adapters=None):
 
 @dataclasses.dataclass
 class Generation:
-    """One choice of `LLM.generate`: its tokens, text, per-token log-probs and why it ended."""
+    """One choice of `LLM.generate`: its tokens (with the EOS that ended it), text (without special tokens),
+    per-token log-probs (one per token id) and why it ended."""
 
     token_ids: list[int]
     text: str
@@ -315,7 +316,7 @@ def include_usage(req) -> bool:
 
 
 def collect_generations(handle, n: int) -> list[Generation]:
-    """Drain a request's events into n Generations."""
+    """Drain a request's events into n Generations (a choice's last token may be the EOS that ended it)."""
     out = [Generation([], "", [], None) for _ in range(n)]
     prompt_scores = None
     for event in handle:

@@ -1,4 +1,4 @@
-"""Engine events -> SPEC.md's wire chunks, for chat completions and legacy text completions.
+"""Engine events -> the OpenAI wire chunks, for chat completions and legacy text completions.
 
 The translation is a pure function of the event stream (one small object per request keeps
 what it must remember), so the sync iterator, the async iterator and the HTTP shim share it.
@@ -231,7 +231,8 @@ class CompletionChunker:
             return [self.chunk(i, self.prompt_text, self.prompt_logprobs(event, i), None)
                     for i in range(self.meta.n)] if self.echo else []
         if isinstance(event, ChoiceUpdate):
-            logprobs = self.legacy_logprobs(event.index, event.tokens, first_is_null=False)
+            logprobs = self.legacy_logprobs(event.index, event.tokens, first_is_null=False,
+                                            text_end=self.offsets[event.index] + len(event.text))
             self.offsets[event.index] += len(event.text)
             if not event.text and not event.tokens and event.finish_reason is None:
                 return []
@@ -251,13 +252,21 @@ class CompletionChunker:
         self.offsets[index] += len(self.prompt_text)
         return out
 
-    def legacy_logprobs(self, index: int, tokens, first_is_null: bool) -> dict | None:
-        """{tokens, token_logprobs, top_logprobs: [{token: lp}], text_offset} for consecutive tokens."""
+    def legacy_logprobs(self, index: int, tokens, first_is_null: bool, text_end: int | None = None) -> dict | None:
+        """{tokens, token_logprobs, top_logprobs: [{token: lp}], text_offset} for consecutive tokens.
+
+        Generated tokens come with `text_end`, the choice's text length after them: a special or EOS token
+        adds nothing to the text, so its offset is that length (the echoed prompt keeps its specials).
+        """
         if self.top_logprobs is None:
             return None
         texts = [self.tokenizer.token_text(t.token_id) for t in tokens]
+        skipped = frozenset() if text_end is None else self.tokenizer.special_token_ids | self.tokenizer.eos_token_ids
         offsets, at = [], self.offsets[index]
-        for text in texts:
+        for token, text in zip(tokens, texts):
+            if token.token_id in skipped:
+                offsets.append(text_end)
+                continue
             offsets.append(at)
             at += len(text)
         lps = [t.logprob for t in tokens]

@@ -20,6 +20,7 @@ import pytest
 
 import jaxgen
 from jaxgen.engine import EngineConfig
+from jaxgen.generator import StreamMeta, merge_completion
 from jaxgen.server import create_app
 from server_helpers import running, sse_payloads, wait_for
 
@@ -335,19 +336,26 @@ def test_repetition_penalty_matches_the_reference(llm, client):
 
 
 def test_ignore_eos_and_raw_logprobs_under_logit_bias(llm, client):
-    """logit_bias forces EOS: it stops at once, unless ignore_eos; logprobs stay those of the raw logits."""
+    """logit_bias forces EOS: it stops at once (the EOS is the one token, with its entry but no text), unless
+    ignore_eos; logprobs stay those of the raw logits."""
     messages = ask("Stop right away.")
     ids = rendered_ids(llm, messages)
     kwargs = dict(model="tiny", messages=messages, temperature=0, max_tokens=6, logit_bias={str(EOS): 100},
-                  logprobs=True)
+                  logprobs=True, top_logprobs=2)
+    rows = log_softmax(llm.logits(ids + [EOS] * 6))[len(ids) - 1:]
     stopped = client.chat.completions.create(**kwargs)
     assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
-    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].logprobs.content == []
-    kept = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    assert stopped.usage.completion_tokens == 1
+    (entry,) = [e.model_dump() for e in stopped.choices[0].logprobs.content]
+    assert_entry(llm, entry, EOS, rows[0], 2)
+    streamed = list(client.chat.completions.create(**kwargs, stream=True))
+    entries = [e.model_dump() for c in streamed for e in (c.choices[0].logprobs.content if c.choices[0].logprobs
+                                                          else [])]
+    assert entries == [entry] and stream_text(streamed) == {0: ""}
+    kept = client.chat.completions.create(**{**kwargs, "top_logprobs": 0}, extra_body={"ignore_eos": True})
     assert (kept.choices[0].message.content, kept.choices[0].finish_reason) == ("", "length")
     assert kept.usage.completion_tokens == 6
     entries = [e.model_dump() for e in kept.choices[0].logprobs.content]
-    rows = log_softmax(llm.logits(ids + [EOS] * 6))[len(ids) - 1:]
     for t, entry in enumerate(entries):
         assert_entry(llm, entry, EOS, rows[t], 0)  # before the bias: not ~0
     assert all(e["logprob"] < -1 for e in entries)
@@ -744,6 +752,48 @@ def test_lm_eval_loglikelihood_with_max_tokens_1(llm, client):
     assert choice["text"] == llm.tokenizer.decode(ids + next_token)  # prompt + one token
     assert choice["finish_reason"] == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lm_eval_loglikelihood_when_the_next_token_is_eos(llm, http, stream):
+    """The EOS that ends a choice keeps its entry (no text, offset at the text's end), so lm-eval's
+    token_logprobs[ctxlen:-1] still holds the whole continuation."""
+    context, continuation = [5, 17, 33, 80], [120, 7, 9]
+    ids = context + continuation
+    body = {"model": "tiny", "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0,
+            "logit_bias": {str(EOS): 100}, "stream": stream, "stream_options": {"include_usage": True} if stream
+            else None}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    meta = StreamMeta.new("cmpl", "tiny", 1, True, True)
+    out = merge_completion(sse_payloads(r.text)[:-1], meta, 1) if stream else r.json()
+    choice = out["choices"][0]
+    lp, rows = choice["logprobs"], log_softmax(llm.logits(ids + [EOS]))
+    assert choice["text"] == llm.tokenizer.decode(ids) and choice["finish_reason"] == "stop"
+    assert lp["tokens"] == [llm.tokenizer.token_text(t) for t in ids + [EOS]]
+    assert lp["token_logprobs"][-1] == pytest.approx(rows[-2, EOS], abs=ATOL)  # the raw log-prob, before the bias
+    assert lp["text_offset"][-1] == len(choice["text"])
+    expected = sum(rows[i - 1, ids[i]] for i in range(len(context), len(ids)))
+    assert sum(lp["token_logprobs"][len(context):-1]) == pytest.approx(expected, abs=1e-3)
+    assert (out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"]) == (len(ids), 1)
+
+
+def test_eos_entry_follows_the_text_released_at_the_end(llm, client):
+    """Text held back (here by a stop string it begins) is released when EOS ends the choice: the EOS entry's
+    text_offset is the text's length after it."""
+    ids = llm.tokenizer.encode("Paris is the capital of")
+    first_row = log_softmax(llm.logits(ids))[-1]
+    first = int(np.argmax(first_row))
+    second_row = log_softmax(llm.logits(ids + [first]))[-1]
+    gaps = first_row[first] - first_row[EOS], second_row.max() - second_row[EOS]
+    assert gaps[0] - gaps[1] > 0.5  # a bias between the two makes the output [first, EOS]
+    out = client.completions.create(model="tiny", prompt=ids, logprobs=1, max_tokens=5, temperature=0,
+                                    stop=[text_of(llm, [first]) + "\n\n"], logit_bias={str(EOS): float(np.mean(gaps))})
+    choice = out.choices[0]
+    assert choice.text == text_of(llm, [first]) != "" and choice.finish_reason == "stop"
+    assert choice.logprobs.tokens == [llm.tokenizer.token_text(first), llm.tokenizer.token_text(EOS)]
+    assert choice.logprobs.text_offset == [0, len(choice.text)]
+    assert out.usage.completion_tokens == 2
 
 
 def test_echo_scoring_of_a_text_prompt_and_a_list_of_prompts(llm, client):

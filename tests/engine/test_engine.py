@@ -117,11 +117,15 @@ def test_max_tokens_and_context_full_end_with_length(engine_llm):
 
 
 def test_eos_stops_unless_ignored(engine_llm):
+    """A forced EOS ends the choice at once, as its one token (with no text); under ignore_eos it is a token."""
     eos = engine_llm.tokenizer.eos_token_id
     bias = {eos: 100.0}
-    _, text, finish, done = run_alone(engine_llm, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=5,
-                                                                             logit_bias=bias))
-    assert finish[0] == "stop" and done.completion_tokens == 1 and text[0] == ""
+    tokens, text, finish, done = run_alone(engine_llm, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=5,
+                                                                                  logit_bias=bias))
+    assert finish[0] == "stop" and done.completion_tokens == 1 and text[0] == "" and tokens[0] == [eos]
+    ((stopped,),) = engine_llm.generate(PROMPTS[0], max_tokens=5, logit_bias=bias)
+    assert (stopped.token_ids, stopped.text, stopped.finish_reason) == ([eos], "", "stop")
+    assert [info.token_id for info in stopped.logprobs] == [eos]
     tokens, _, finish, done = run_alone(engine_llm, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=5,
                                                                                logit_bias=bias, ignore_eos=True))
     assert finish[0] == "length" and tokens[0] == [eos] * 5
