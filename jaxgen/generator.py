@@ -2,6 +2,12 @@
 
 The translation is a pure function of the event stream (one small object per request keeps
 what it must remember), so the sync iterator, the async iterator and the HTTP shim share it.
+
+The generated token that ends a choice, EOS included, is one of its tokens (as vLLM): it has its entry
+in `logprobs` (legacy `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`; chat `logprobs.content`)
+and counts in `usage.completion_tokens`. The text still skips special tokens, so an EOS entry adds
+nothing to `text` and its `text_offset` is the text's length at that point. (lm-evaluation-harness
+scores a continuation as `token_logprobs[ctxlen:-1]` of `echo` + `max_tokens: 1`: it needs that last entry.)
 """
 from __future__ import annotations
 
