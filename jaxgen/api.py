@@ -119,14 +119,14 @@ class LLM:
         chunks = self._closing(chunks_of(handle, ChatChunker(meta, self.tokenizer)), handle)
         return chunks if req.stream else aggregate_chat(chunks, meta)
 
-    def achat(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
-        """Streamed chat chunks as an async iterator; validation errors raise here, before any chunk."""
-        meta, handle = self._submit_chat(req, loop=asyncio.get_running_loop())
+    async def achat(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+        """Streamed chat chunks as an async iterator; validation errors raise when awaited, before any chunk."""
+        meta, handle = await self._submit_off_loop(self._submit_chat, req, _chat_handles)
         return self._achunks(handle, ChatChunker(meta, self.tokenizer))
 
     async def achat_completion(self, req: ChatCompletionRequest) -> dict:
         """A non-streamed `chat.completion`, awaited."""
-        meta, handle = self._submit_chat(req, loop=asyncio.get_running_loop())
+        meta, handle = await self._submit_off_loop(self._submit_chat, req, _chat_handles)
         return aggregate_chat([c async for c in self._achunks(handle, ChatChunker(meta, self.tokenizer))], meta)
 
     def _submit_chat(self, req: ChatCompletionRequest, loop):
@@ -159,14 +159,14 @@ class LLM:
         chunks = (c for chunker, handle in parts for c in self._closing(chunks_of(handle, chunker), handle))
         return chunks if req.stream else merge_completion(chunks, meta, len(parts) * meta.n)
 
-    def acomplete(self, req: CompletionRequest) -> AsyncIterator[dict]:
-        """Streamed legacy chunks as an async iterator; validation errors raise here."""
-        _, parts = self._submit_completion(req, loop=asyncio.get_running_loop())
+    async def acomplete(self, req: CompletionRequest) -> AsyncIterator[dict]:
+        """Streamed legacy chunks as an async iterator; validation errors raise when awaited."""
+        _, parts = await self._submit_off_loop(self._submit_completion, req, _completion_handles)
         return self._achain(parts)
 
     async def acompletion(self, req: CompletionRequest) -> dict:
         """A non-streamed legacy `text_completion`, awaited."""
-        meta, parts = self._submit_completion(req, loop=asyncio.get_running_loop())
+        meta, parts = await self._submit_off_loop(self._submit_completion, req, _completion_handles)
         return merge_completion([c async for c in self._achain(parts)], meta, len(parts) * meta.n)
 
     def _submit_completion(self, req: CompletionRequest, loop):
@@ -182,19 +182,36 @@ class LLM:
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             self.engine.check_prompt(ids, params, param="prompt")
             prompts.append((p if isinstance(p, str) else self.tokenizer.decode(ids), ids))
-        parts = []
-        try:
-            for i, (text, ids) in enumerate(prompts):
-                chunker = CompletionChunker(meta, self.tokenizer, prompt_text=text, prompt_ids=ids, echo=req.echo,
-                                            top_logprobs=params.top_logprobs if params.logprobs else None,
-                                            index_offset=i * params.n)
-                parts.append((chunker, self.engine.submit(ids, params, loop, param="prompt", adapter=adapter)))
-        except JaxgenError:  # e.g. the queue filled part-way: drop the prompts already queued
-            for _, handle in parts:
-                handle.cancel()
-            raise
+        handles = self._submit_all([ids for _, ids in prompts], params, loop, param="prompt", adapter=adapter)
+        parts = [(CompletionChunker(meta, self.tokenizer, prompt_text=text, prompt_ids=ids, echo=req.echo,
+                                    top_logprobs=params.top_logprobs if params.logprobs else None,
+                                    index_offset=i * params.n), handle)
+                 for i, ((text, ids), handle) in enumerate(zip(prompts, handles))]
         self._log_prompt(req, meta.id, req.prompt)
         return meta, parts
+
+    def _submit_all(self, prompts: list[list[int]], params: SamplingParams, loop, **submit_kwargs) -> list:
+        """Queue every prompt or none: when one is refused (e.g. the queue filled part-way), those already
+        queued are cancelled and the error raised."""
+        handles = []
+        try:
+            for ids in prompts:
+                handles.append(self.engine.submit(ids, params, loop, **submit_kwargs))
+        except JaxgenError:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
+
+    async def _submit_off_loop(self, submit, req, handles_of) -> Any:
+        """`submit(req, loop)` in a worker thread, so templating, tokenizing and grammar compilation never stall
+        the event loop's other streams; if the caller is cancelled meanwhile, what it queued is cancelled too."""
+        work = asyncio.ensure_future(asyncio.to_thread(submit, req, asyncio.get_running_loop()))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(functools.partial(_cancel_submitted, handles_of))
+            raise
 
     async def _achain(self, parts) -> AsyncIterator[dict]:
         """The chunks of each prompt in turn (all were queued at once, so they decode together)."""
@@ -212,15 +229,35 @@ class LLM:
                  params: SamplingParams | None = None, *, peft: str | None = None, **fields) -> list[list[Generation]]:
         """Generate for each prompt (text or token ids), batched; -> per prompt, its n Generations.
 
-        `params` (or keyword fields of SamplingParams) apply to every prompt; default greedy. `peft`: the
-        LoRA adapter id to generate with (default none).
+        `params` (or keyword fields of SamplingParams, not both) apply to every prompt; default greedy. `peft`:
+        the LoRA adapter id to generate with (default none). All prompts are queued or none (429 part-way).
         """
+        if params is not None and fields:
+            raise TypeError(f"generate() takes SamplingParams fields or params, not both: {', '.join(sorted(fields))} "
+                            "would be ignored; set them on params (dataclasses.replace(params, ...))")
         adapter = self._resolve_adapter(None, peft)
         params = params or SamplingParams(**{"temperature": 0.0, **fields})
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
-        handles = [self.engine.submit(i, params, adapter=adapter) for i in ids]
+        handles = self._submit_all(ids, params, None, adapter=adapter)
         return [collect_generations(handle, params.n) for handle in handles]
+
+    # ---- lifetime
+
+    def close(self) -> None:
+        """Stop the engine (its thread and device state) if it started, and forget it; closing twice is a no-op."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> LLM:
+        """`with jaxgen.load(...) as llm:` closes the engine on leaving the block."""
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Close; exceptions propagate."""
+        self.close()
 
     # ---- shared
 
@@ -308,6 +345,23 @@ def template_messages(req: ChatCompletionRequest) -> list[dict]:
         message["content"] = message_text(m.content)
         out.append(message)
     return out
+
+
+def _chat_handles(submitted) -> list:
+    """The request handles of a `_submit_chat` result."""
+    return [submitted[1]]
+
+
+def _completion_handles(submitted) -> list:
+    """The request handles of a `_submit_completion` result."""
+    return [handle for _, handle in submitted[1]]
+
+
+def _cancel_submitted(handles_of, work: asyncio.Future) -> None:
+    """Cancel the requests a submission queued after its caller had gone (a failed one queued nothing)."""
+    if not work.cancelled() and work.exception() is None:
+        for handle in handles_of(work.result()):
+            handle.cancel()
 
 
 def include_usage(req) -> bool:

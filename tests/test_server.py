@@ -1,4 +1,5 @@
-"""The HTTP shim against a scripted test double of the LLM, with the official `openai` client and raw httpx."""
+"""The HTTP shim against a scripted test double of the LLM, with the official `openai` client and raw httpx;
+last, its event loop kept free of submission work, on the real tiny model."""
 import asyncio
 import json
 import logging
@@ -7,11 +8,17 @@ import re
 import select
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+import jaxgen
+from jaxgen.engine import EngineConfig
 from jaxgen.errors import JaxgenError, NotFoundError, QueueFullError
 from jaxgen.protocol import message_text
 from jaxgen.server import create_app
@@ -57,7 +64,8 @@ class ScriptedLLM:
         self.requests: list = []
 
     def engine_stats(self) -> dict:
-        return {"queue_depth": 3, "running_slots": 2, "num_slots": 8}
+        return {"queue_depth": 3, "running_slots": 2, "num_slots": 8, "prefix_cache_hit_tokens_total": 40,
+                "kv_blocks_free": 12.5, "label": "not a number"}
 
     def _submit(self, req):
         """The LLM's submission checks: queue, model/adapter, sampling ranges."""
@@ -117,13 +125,13 @@ class ScriptedLLM:
             self.events.append("cancelled")
             raise
 
-    def achat(self, req):
+    async def achat(self, req):
         def choice(i, text, finish, first):
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
         return Tracked(self._chunks(req, "chat.completion.chunk", choice), self.events)
 
-    def acomplete(self, req):
+    async def acomplete(self, req):
         def choice(i, text, finish, first):
             return None if first else {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
         return Tracked(self._chunks(req, "text_completion", choice), self.events)
@@ -268,12 +276,44 @@ def test_metrics_after_traffic(client, http):
     ttft, itl = "jaxgen_time_to_first_token_seconds_count", "jaxgen_inter_token_latency_seconds_count"
     assert metric[ttft] - before[ttft] == 1  # one per request
     assert metric[itl] - before[itl] == 8  # 4 gaps per choice: interleaved choices do not count as gaps
-    assert 'jaxgen_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
-    assert "jaxgen_queue_depth 3" in text and "jaxgen_running_slots 2" in text and "jaxgen_num_slots 8" in text
-    assert "jaxgen_batch_occupancy 0.25" in text
+    ok_chats = 'jaxgen_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    # counted once the response has been sent, which can be just after the client read [DONE]
+    assert wait_for(lambda: metric_values(http.get("/metrics").text)[ok_chats] - before.get(ok_chats, 0) == 1)
+    assert metric['jaxgen_requests_total{endpoint="/metrics",status="200"}'] >= 1
+    assert (metric["jaxgen_queue_depth"], metric["jaxgen_running_slots"], metric["jaxgen_num_slots"]) == (3, 2, 8)
+    assert metric["jaxgen_batch_occupancy"] == 0.25
     assert metric["jaxgen_prompt_tokens_total"] - before["jaxgen_prompt_tokens_total"] == 7
     assert metric["jaxgen_completion_tokens_total"] - before["jaxgen_completion_tokens_total"] == 10
     assert metric['jaxgen_time_to_first_token_seconds_bucket{le="+Inf"}'] == metric[ttft]
+    assert metric['jaxgen_inter_token_latency_seconds_bucket{le="0.001"}'] <= metric[itl]
+
+
+def test_metrics_expose_every_engine_stat_by_its_kind(http):
+    """Engine stats reach /metrics without server changes: `*_total` keys as counters, numbers as gauges."""
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    hits = families["jaxgen_prefix_cache_hit_tokens"]
+    assert hits.type == "counter" and [s.value for s in hits.samples] == [40]
+    assert hits.samples[0].name == "jaxgen_prefix_cache_hit_tokens_total"
+    free = families["jaxgen_kv_blocks_free"]
+    assert free.type == "gauge" and [s.value for s in free.samples] == [12.5]
+    assert families["jaxgen_queue_depth"].type == "gauge" and "jaxgen_label" not in families
+    assert families["jaxgen_time_to_first_token_seconds"].type == "histogram"
+
+
+def test_metrics_are_per_app(base_url):
+    """Each app counts in its own registry, so several apps live in one process without clashing."""
+    with running(create_app(ScriptedLLM())) as other:
+        httpx.post(f"{other}/v1/chat/completions", json={"messages": ask()})
+        httpx.post(f"{other}/v1/chat/completions", json={"messages": ask()})
+        mine = metric_values(httpx.get(f"{other}/metrics").text)
+    assert mine['jaxgen_requests_total{endpoint="/v1/chat/completions",status="200"}'] == 2
+    assert mine["jaxgen_prompt_tokens_total"] == 14
+
+
+def test_metrics_negotiate_openmetrics(http):
+    r = http.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.endswith("# EOF\n") and "jaxgen_queue_depth 3.0" in r.text
 
 
 def test_no_api_key_configured_needs_no_auth():
@@ -475,3 +515,70 @@ def test_serve_prints_its_address_and_serves():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- the real LLM on the tiny model: submission work never blocks the event loop ---
+
+SLOW_RENDER_S = 1.0
+
+
+@pytest.fixture
+def slow_llm(tiny_llm, monkeypatch):
+    """The tiny model (warmed up) whose chat template takes SLOW_RENDER_S for a last message "slow";
+    `llm.slow_renders` records (start, end) of each slow render and `llm.submitted` every queued handle."""
+    llm = jaxgen.LLM(tiny_llm.cfg, tiny_llm.params, tiny_llm.tokenizer, model_id="tiny",
+                     engine_config=EngineConfig(num_slots=4, max_len=256, max_queue=512, seed=0))
+    llm.engine.warmup()
+    llm.slow_renders, llm.submitted = [], []
+    render, submit = llm.tokenizer.apply_chat_template, llm.engine.submit
+
+    def slow_render(messages, *args, **kwargs):
+        if messages[-1]["content"] == "slow":
+            start = time.perf_counter()
+            time.sleep(SLOW_RENDER_S)
+            llm.slow_renders.append((start, time.perf_counter()))
+        return render(messages, *args, **kwargs)
+
+    def recording_submit(*args, **kwargs):
+        llm.submitted.append(submit(*args, **kwargs))
+        return llm.submitted[-1]
+
+    monkeypatch.setattr(llm.tokenizer, "apply_chat_template", slow_render)
+    monkeypatch.setattr(llm.engine, "submit", recording_submit)
+    return llm
+
+
+def test_slow_templating_does_not_stall_another_stream(slow_llm):
+    """While one request's template renders for 1 s, a running stream's chunks keep arriving."""
+    arrivals, streaming, slow = [], threading.Event(), []
+    with running(create_app(slow_llm)) as url, httpx.Client(base_url=url, timeout=30) as other:
+        other.get("/health")  # connected before the stream starts, so the slow request goes out at once
+
+        def send_slow():
+            streaming.wait(30)
+            slow.append(other.post("/v1/chat/completions", json={"messages": ask("slow"), "max_tokens": 1}))
+        later = threading.Thread(target=send_slow)
+        later.start()
+        body = {"messages": ask("fast"), "stream": True, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+                    if len(arrivals) == 2:  # the stream is generating: now the slow request arrives
+                        streaming.set()
+        later.join(30)
+    assert slow[0].status_code == 200 and len(slow_llm.slow_renders) == 1
+    (render_start, _), = slow_llm.slow_renders
+    assert arrivals[-1] > render_start, "the stream ended before the slow render began; lengthen it"
+    assert len(arrivals) >= 100 and max(np.diff(arrivals)) < SLOW_RENDER_S / 2
+
+
+def test_client_gone_during_slow_templating_cancels_what_it_queued(slow_llm):
+    """A client that disconnects while its prompt renders off the loop leaves nothing generating."""
+    with running(create_app(slow_llm)) as url:
+        body = {"messages": ask("slow"), "stream": True, "max_tokens": 100, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=SLOW_RENDER_S / 4)
+        assert wait_for(lambda: len(slow_llm.submitted) == 1, SLOW_RENDER_S * 5)
+        assert wait_for(lambda: slow_llm.submitted[0].cancelled.is_set())
+        assert wait_for(lambda: slow_llm.engine_stats()["running_slots"] == 0)

@@ -232,3 +232,29 @@ def test_mixed_workload_triggers_no_recompile(engine_llm, compile_counter):
         drain(h)
     engine_llm.chat([{"role": "user", "content": "Hi there"}], max_tokens=3, logprobs=True, top_logprobs=2)
     assert compile_counter.count == before
+
+
+# ---- LLM.generate
+
+def test_generate_refuses_params_mixed_with_fields(engine_llm):
+    """Fields beside `params` would be silently ignored: refused, naming them."""
+    with pytest.raises(TypeError, match="max_tokens, temperature"):
+        engine_llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), temperature=1.0, max_tokens=5)
+    (only,) = engine_llm.generate(PROMPTS[0], max_tokens=3, ignore_eos=True)  # fields alone still apply
+    assert len(only[0].token_ids) == 3
+
+
+def test_generate_queues_all_prompts_or_none(tiny_llm, monkeypatch):
+    """When the queue fills part-way through a batch, the prompts already queued are cancelled."""
+    import jaxgen
+    from jaxgen.engine import EngineConfig
+
+    llm = jaxgen.LLM(tiny_llm.cfg, tiny_llm.params, tiny_llm.tokenizer, model_id="tiny",
+                     engine_config=EngineConfig(num_slots=1, max_len=64, max_queue=2))
+    queued, submit = [], llm.engine.submit
+    monkeypatch.setattr(llm.engine, "submit", lambda *a, **k: queued.append(submit(*a, **k)) or queued[-1])
+    with pytest.raises(QueueFullError):
+        llm.generate([PROMPTS[0]] * 10, SamplingParams(max_tokens=50, ignore_eos=True))
+    assert 2 <= len(queued) <= 3 and all(h.cancelled.is_set() for h in queued)
+    stats = wait_idle(llm.engine)
+    assert stats["running_slots"] == 0 and stats["queue_depth"] == 0
