@@ -10,7 +10,8 @@ import orbax.checkpoint as ocp
 from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
-from .llama import Params, init_params
+from .config import Params
+from .llama import init_params
 
 CONFIG_FILE = "jaxgen_config.json"
 

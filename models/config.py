@@ -10,6 +10,7 @@ import numpy as np
 from jaxgen.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+Params = dict[str, Any]  # a model's weights: a pytree of arrays (each family documents its layout)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 

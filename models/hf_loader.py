@@ -6,11 +6,11 @@ import json
 import os
 
 import numpy as np
-from safetensors import safe_open
 
 from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
+from .safetensors_io import open_safetensors
 from .weights import params_from_hf
 
 
@@ -21,14 +21,6 @@ def read_hf_config(directory: str) -> ModelConfig:
         raise ModelLoadError(f"no config.json in {directory}")
     with open(path) as f:
         return ModelConfig.from_hf(json.load(f))
-
-
-def open_safetensors(path: str):
-    """A safetensors handle (JAX arrays, so bfloat16 works), or a ModelLoadError naming a damaged file."""
-    try:
-        return safe_open(path, framework="flax")
-    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
 def safetensors_getter(directory: str):

@@ -20,16 +20,13 @@ the traced program is exactly the plain model's.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import lora as lora_lib
-from .config import ModelConfig
+from .config import ModelConfig, Params
 
-Params = dict[str, Any]
 MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
 Cache = dict[str, list[jax.Array]]
 
@@ -57,24 +54,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(cfg: ModelConfig, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
-    """bool [B, Tq, Tk]: causal, restricted to valid keys and (Mistral) to the sliding window."""
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+def attend(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, Dh] at positions q_pos [B, T] over a cache window k_t
+    [B, KVH, Dh, L], v [B, KVH, L, Dh] holding positions 0..L-1 -> [B, T, H·Dh]. Causal (key position <= the
+    query's) and, for Mistral, within the sliding window; no other mask is needed, since every position up to
+    a real query's own has been written by then."""
+    b, t, _, dh = q.shape
+    k_pos = jnp.arange(k_t.shape[-1], dtype=jnp.int32)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
     if cfg.sliding_window is not None:
-        mask &= k_pos[:, None, :] > q_pos[:, :, None] - cfg.sliding_window
-    return mask
-
-
-def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [B, Tq, H, Dh], k/v [B, Tk, KVH, Dh], mask [B, Tq, Tk] -> [B, Tq, H·Dh]."""
-    b, tq, _, dh = q.shape
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, tq, cfg.num_kv_heads, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - cfg.sliding_window
+    q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, dh)
+    scores = jnp.einsum("btkgd,bkdl->bkgtl", q, k_t, preferred_element_type=jnp.float32) / np.sqrt(dh)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, tq, cfg.num_heads * dh)
+    return jnp.einsum("bkgtl,bkld->btkgd", probs, v).reshape(b, t, cfg.num_heads * dh)
 
 
 def with_lora(y: jax.Array, x: jax.Array, lora_layer, group: str, adapters) -> jax.Array:
@@ -117,66 +111,72 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     return jnp.matmul(x, head, preferred_element_type=jnp.float32)
 
 
-def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, lora=None, adapters=None):
-    """Run prompts tokens [B, T] (right-padded to a bucket; true `lengths` [B]) from position 0; with `lora`,
-    row b runs with adapter `adapters[b]` (i32[B], 0 = none).
+def write_kv(cache_k: jax.Array, cache_v: jax.Array, rows: jax.Array, positions: jax.Array, k: jax.Array,
+             v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatter k, v [B, T, KVH, Dh] into cache rows `rows` [B] at `positions` [B, T] (layout in the module
+    docstring); padding tokens carry the spare position, which is written but never attended."""
+    cache_k = cache_k.at[rows[:, None], :, :, positions].set(k.astype(cache_k.dtype))
+    cache_v = cache_v.at[rows[:, None], :, positions].set(v.astype(cache_v.dtype))
+    return cache_k, cache_v
 
-    Returns (kv, hidden): kv = {"k", "v"}: L × [B, T, KVH, Dh] to insert into cache slots, and the
-    final hidden states [B, T, D] (before the final norm) from which any position's logits follow.
+
+def read_window(cache_k: jax.Array, cache_v: jax.Array, rows: jax.Array | None, batch: int, kv_len: int):
+    """The attended window, positions [0, kv_len), of cache rows `rows` [B] (None: rows 0..batch-1, a slice
+    that attention reads in place) -> k_t [B, KVH, Dh, kv_len], v [B, KVH, kv_len, Dh]."""
+    if rows is None:
+        return cache_k[:batch, ..., :kv_len], cache_v[:batch, :, :kv_len]
+    return cache_k[rows, :, :, :kv_len], cache_v[rows, :, :kv_len]
+
+
+def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
+            rows: jax.Array | None = None, lora=None, adapters=None) -> tuple[jax.Array, Cache]:
+    """The one forward pass: tokens i32[B, T] at positions i32[B, T] against the KV cache.
+
+    Row b writes its tokens' K/V into cache row `rows[b]` (None: row b) at their positions, then attends to
+    positions [0, kv_len) of that row (a static bucket > every real position), so a prompt chunk sees the
+    chunks before it and itself, and decode is the case T = 1. Rows may share a cache row (consecutive chunks
+    of one prompt in one call): every row's K/V of a layer is written before any row reads it. Padding
+    tokens take the cache's spare last position. With `lora`, row b adds adapter `adapters[b]` (0 = none).
+    Returns (hidden [B, T, D] before the final norm, cache).
     """
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    write_rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
     cos, sin = rope_tables(cfg, positions)
-    mask = attention_mask(cfg, positions, positions, positions < lengths[:, None])
     x = params["embed"][tokens]
-    ks, vs = [], []
-    for layer, lo in zip(params["layers"], lora_layers(lora, cfg.num_layers)):
-        q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), cos, sin, lo, adapters)
-        attn = attend(cfg, q, k, v, mask)
-        x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), lo, adapters)
-        ks.append(k)
-        vs.append(v)
-    return {"k": ks, "v": vs}, x
-
-
-def attend_cached(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Decode attention: q [S, H, Dh] over k_t [S, KVH, Dh, L], v [S, KVH, L, Dh], mask [S, L] -> [S, H·Dh]."""
-    s, _, dh = q.shape
-    q = q.reshape(s, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, dh)
-    scores = jnp.einsum("skgd,skdl->skgl", q, k_t, preferred_element_type=jnp.float32) / np.sqrt(dh)
-    scores = jnp.where(mask[:, None, None, :], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("skgl,skld->skgd", probs, v).reshape(s, cfg.num_heads * dh)
-
-
-def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array,
-           kv_len: int, lora=None, adapters=None):
-    """One token for each of the first R slots: tokens, positions [R] -> (float32 logits [R, V], cache
-    with their K/V written). R <= the cache's S: slots beyond R are neither read nor written. With
-    `lora`, slot r runs with adapter `adapters[r]` (i32[R], 0 = none).
-
-    Attention reads only the first `kv_len` cache positions (a static bucket >= max(positions) + 1),
-    so a short batch does not pay for the whole context.
-    """
-    s = tokens.shape[0]
-    rows = jnp.arange(s)
-    cos, sin = rope_tables(cfg, positions[:, None])
-    k_pos = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (s, kv_len))
-    mask = attention_mask(cfg, positions[:, None], k_pos, k_pos <= positions[:, None])[:, 0]
-    x = params["embed"][tokens][:, None, :]
     new_k, new_v = [], []
     for layer, lo, k_cache, v_cache in zip(params["layers"], lora_layers(lora, cfg.num_layers), cache["k"],
                                            cache["v"]):
         q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), cos, sin, lo, adapters)
-        k_cache = k_cache.at[rows, :, :, positions].set(k[:, 0])  # [S, KVH, Dh] into column `position`
-        v_cache = v_cache.at[rows, :, positions].set(v[:, 0])
-        attn = attend_cached(cfg, q[:, 0], k_cache[:s, ..., :kv_len], v_cache[:s, :, :kv_len], mask)
-        x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)[:, None, :]
+        k_cache, v_cache = write_kv(k_cache, v_cache, write_rows, positions, k, v)
+        attn = attend(cfg, q, *read_window(k_cache, v_cache, rows, b, kv_len), positions)
+        x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), lo, adapters)
         new_k.append(k_cache)
         new_v.append(v_cache)
-    return lm_logits(params, cfg, x[:, 0]), {"k": new_k, "v": new_v}
+    return x, {"k": new_k, "v": new_v}
+
+
+def prompt_positions(lengths: jax.Array, t: int, spare: int) -> jax.Array:
+    """i32[B, t]: 0..t-1 for each row's first `lengths[b]` tokens, `spare` for its padding."""
+    pos = jnp.arange(t, dtype=jnp.int32)[None, :]
+    return jnp.where(pos < lengths[:, None], pos, spare)
+
+
+def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, lora=None, adapters=None):
+    """`forward` of right-padded prompts tokens [B, T] (true `lengths` [B]) from position 0 into a fresh cache
+    of B rows × T positions: -> (that cache, to `insert` into slots; hidden [B, T, D])."""
+    b, t = tokens.shape
+    cache = init_cache(cfg, b, t, params["embed"].dtype)
+    hidden, cache = forward(params, cfg, cache, tokens, prompt_positions(lengths, t, t), t, None, lora, adapters)
+    return cache, hidden
+
+
+def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array,
+           kv_len: int, lora=None, adapters=None):
+    """`forward` of one token for each of the first R cache rows: tokens, positions [R] -> (float32 logits
+    [R, V], cache). Rows beyond R are neither read nor written."""
+    hidden, cache = forward(params, cfg, cache, tokens[:, None], positions[:, None], kv_len, None, lora, adapters)
+    return lm_logits(params, cfg, hidden[:, 0]), cache
 
 
 def init_cache(cfg: ModelConfig, num_slots: int, max_len: int, dtype) -> Cache:
@@ -192,11 +192,11 @@ def init_cache(cfg: ModelConfig, num_slots: int, max_len: int, dtype) -> Cache:
 
 
 def insert(cache: Cache, kv: Cache, row: int, slot: jax.Array) -> Cache:
-    """Copy prefill row `row` of kv (L × [B, T, KVH, Dh]) into cache slot `slot` at positions [0, T)."""
-    def put(dst, src):
-        return jax.lax.dynamic_update_slice(dst, src[None].astype(dst.dtype), (slot, 0, 0, 0))
-    return {"k": [put(d, s[row].transpose(1, 2, 0)) for d, s in zip(cache["k"], kv["k"])],
-            "v": [put(d, s[row].transpose(1, 0, 2)) for d, s in zip(cache["v"], kv["v"])]}
+    """Copy row `row` of a `prefill` cache kv (its T positions) into cache slot `slot` at positions [0, T)."""
+    return {"k": [jax.lax.dynamic_update_slice(d, s[row:row + 1, :, :, :-1].astype(d.dtype), (slot, 0, 0, 0))
+                  for d, s in zip(cache["k"], kv["k"])],
+            "v": [jax.lax.dynamic_update_slice(d, s[row:row + 1, :, :-1].astype(d.dtype), (slot, 0, 0, 0))
+                  for d, s in zip(cache["v"], kv["v"])]}
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

@@ -32,6 +32,7 @@ import numpy as np
 from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
+from .safetensors_io import open_safetensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -108,7 +109,6 @@ def _check_config(config: dict, directory: str) -> None:
 
 def load_adapter(directory: str | os.PathLike, cfg: ModelConfig, max_rank: int = MAX_LORA_RANK) -> LoraAdapter:
     """Read and check an HF PEFT LoRA directory against the base model `cfg`; ModelLoadError says what is wrong."""
-    from .hf_loader import open_safetensors
 
     directory = os.fspath(directory)
     where = f"LoRA adapter {directory}"

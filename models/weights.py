@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
-from .llama import Params
+from .config import Params
 
 TensorGetter = Callable[[str], np.ndarray]
 

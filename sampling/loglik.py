@@ -8,6 +8,16 @@ from jax import lax
 from .params import TOP_LOGPROBS
 
 
+def token_logprobs(logits: jax.Array, targets: jax.Array, k: int = TOP_LOGPROBS
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raw log-prob of `targets` [...] under logits f32[..., V], and the top-k there (k static, K = min(k, V)):
+    -> logprobs f32[...], top_ids i32[..., K], top_logprobs f32[..., K]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, jnp.clip(targets, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = lax.top_k(logp, min(k, logits.shape[-1]))
+    return chosen, top_ids, top_lp
+
+
 def prompt_logprobs(logits: jax.Array, token_ids: jax.Array, k: int = TOP_LOGPROBS,
                     length: int | jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Log-prob of every prompt token but the first, plus the top-k at each position; jittable (k static).
@@ -18,13 +28,10 @@ def prompt_logprobs(logits: jax.Array, token_ids: jax.Array, k: int = TOP_LOGPRO
     padding: logprob 0.0 (so a sum over the row is the prompt's log-likelihood), top_ids -1 and
     top_logprobs 0.0; the pad token ids themselves are never read.
     """
-    logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)  # [T-1, V]
-    targets = jnp.clip(token_ids[1:], 0, logits.shape[-1] - 1)
-    chosen = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = lax.top_k(logp, min(k, logits.shape[-1]))
+    chosen, top_ids, top_lp = token_logprobs(logits[:-1], token_ids[1:], k)
     if length is None:
         return chosen, top_ids, top_lp
-    valid = jnp.arange(logp.shape[0]) < length - 1  # [T-1]
+    valid = jnp.arange(chosen.shape[0]) < length - 1  # [T-1]
     return (jnp.where(valid, chosen, 0.0),
             jnp.where(valid[:, None], top_ids, -1),
             jnp.where(valid[:, None], top_lp, 0.0))

@@ -178,3 +178,33 @@ def first_divergence(a, b) -> str:
         if x != y:
             return f"first differ at step {i}: ours {x}, HF {y}"
     return f"lengths differ: {len(a)} vs {len(b)}" if len(a) != len(b) else "identical"
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
+def chunk_logits(params, cfg, cache, tokens, positions, rows, kv_len):
+    """One `forward` call of chunks tokens [B, C] at positions [B, C] into cache rows `rows`: (logits [B, C, V],
+    cache)."""
+    hidden, cache = llama.forward(params, cfg, cache, tokens, positions, kv_len, rows)
+    return llama.lm_logits(params, cfg, hidden), cache
+
+
+def chunked_logits(params, cfg, ids, chunk: int, *, slot: int = 1, slots: int = 3, rows_per_call: int = 1):
+    """Logits [T, V] of `ids` run through `forward` in chunks of `chunk` tokens (fixed positions, the last one
+    padded to the spare column), `rows_per_call` chunks per call, into cache row `slot` of `slots`."""
+    max_len = pow2_at_least(len(ids))
+    cache = llama.init_cache(cfg, slots, max_len, cache_dtype(params))
+    starts = list(range(0, len(ids), chunk))
+    out = []
+    for call in range(0, len(starts), rows_per_call):
+        group = starts[call:call + rows_per_call]
+        tokens = np.zeros((len(group), chunk), np.int32)
+        positions = np.full((len(group), chunk), max_len, np.int32)
+        for b, start in enumerate(group):
+            piece = ids[start:start + chunk]
+            tokens[b, :len(piece)] = piece
+            positions[b, :len(piece)] = np.arange(start, start + len(piece))
+        logits, cache = chunk_logits(params, cfg, cache, jnp.asarray(tokens), jnp.asarray(positions),
+                                     jnp.full((len(group),), slot, jnp.int32), max_len)
+        logits = np.asarray(logits)
+        out.extend(logits[b, :len(ids[start:start + chunk])] for b, start in enumerate(group))
+    return np.concatenate(out)

@@ -147,3 +147,16 @@ def test_unimplemented_features_match_hf_or_are_refused(name, make_tiny_hf_model
     prompt = list(range(3, 35))
     diff = np.abs(mo.our_logits(params, cfg, [prompt], bucket=len(prompt))[0] - mo.hf_logits(mo.hf_load(directory), prompt)).max()
     assert diff <= 1e-3, f"{name}: loaded without error but max |logit diff| vs HF = {diff:.2e}"
+
+
+@pytest.mark.parametrize("chunk,rows_per_call", [(1, 1), (7, 1), (7, 3), (64, 1), (None, 1)])
+def test_chunked_forward_matches_hf(case, chunk, rows_per_call):
+    """The one forward run in chunks of 1, 7 (one or three chunks a call) and 64 tokens, and the whole prompt at
+    once, into a cache row that is not row 0: every position's logits equal HF's (as the other parity tests,
+    1e-3) and our own whole-prompt prefill's to 1e-4."""
+    name, cfg, params, hf, prompt = case
+    ours = mo.chunked_logits(params, cfg, prompt, chunk or len(prompt), rows_per_call=rows_per_call)
+    diff = np.abs(ours - mo.hf_logits(hf, prompt)).max()
+    self_diff = np.abs(ours - mo.our_logits(params, cfg, [prompt], bucket=len(prompt))[0]).max()
+    print(f"{name} chunk {chunk} x{rows_per_call}: max |logit diff| vs HF {diff:.2e}, vs whole prompt {self_diff:.2e}")
+    assert diff <= 1e-3 and self_diff <= 1e-4
