@@ -2,8 +2,9 @@
 
 For 1, 8 and 32 concurrent requests (mixed prompt lengths, 128 new tokens each, greedy, EOS ignored):
 jaxgen's engine (continuous batching) and HF `generate` on a left-padded batch of the same prompts,
-same weights (the default GGUF, float32), in the same run. Also: 16 concurrent streams against the
-same 16 requests run one after another.
+same weights (the default GGUF, float32), in the same run. Then the same at 8 and 32 with every prompt
+behind a shared 1,000-token system prompt (what prefix caching serves). Also: 16 concurrent streams
+against the same 16 requests run one after another.
 
     python bench/throughput.py [--concurrency 1,8,32] [--new-tokens 128] [--skip-hf]
 """
@@ -21,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 
 import jaxgen
-from jaxgen.engine import ChoiceUpdate, EngineConfig
+from jaxgen.engine import EngineConfig
+from jaxgen.events import ChoiceUpdate
 from jaxgen.sampling import SamplingParams
 
 PROMPT_LENGTHS = (24, 60, 130, 250, 500)
@@ -44,6 +46,19 @@ def prompts(llm, count: int) -> list[list[int]]:
                      " from the first calendars to space telescopes."] * 60)
     ids = llm.tokenizer.encode(text)
     return [ids[i: i + PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)]] for i in range(count)]
+
+
+def system_prompt(llm, length: int = 1000) -> list[int]:
+    """A `length`-token system prompt (licence-like text) shared by every request of a workload."""
+    text = " ".join(["Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
+                     " and associated documentation files, to deal in the software without restriction."] * 80)
+    return llm.tokenizer.encode(text)[:length]
+
+
+def shared_prefix_prompts(llm, count: int) -> list[list[int]]:
+    """`count` prompts: the shared system prompt, then a distinct short question."""
+    head = system_prompt(llm)
+    return [head + llm.tokenizer.encode(f" Question {i}: what does clause {i % 7} allow?") for i in range(count)]
 
 
 def run_jaxgen(llm, batch: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
@@ -99,19 +114,23 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     print(machine())
-    llm = jaxgen.load(engine_config=EngineConfig(num_slots=max(max(levels), 16), max_len=1024))
+    llm = jaxgen.load(engine_config=EngineConfig(num_slots=max(max(levels), 16), max_len=2048))
     t0 = time.perf_counter()
-    llm.engine.warmup(prompt_buckets=[32, 64, 128, 256, 512])
-    print(f"warm-up (compile) {time.perf_counter() - t0:.1f} s")
+    llm.engine.warmup()
+    print(f"warm-up (compile) {time.perf_counter() - t0:.1f} s, {len(llm.engine.program_keys())} programs")
     hf = None if args.skip_hf else load_hf(llm.path)
-    print(f"{'concurrent':>10} {'jaxgen tok/s':>13} {'HF tok/s':>9} {'ratio':>6} {'TTFT p50 ms':>12} {'TTFT max ms':>12}")
-    for c in levels:
-        batch = prompts(llm, c)
-        wall, ttft = run_jaxgen(llm, batch, args.new_tokens)
-        ours = c * args.new_tokens / wall
-        theirs = c * args.new_tokens / run_hf(hf, batch, args.new_tokens, llm.tokenizer.pad_token_id or 0) if hf else float("nan")
-        print(f"{c:>10} {ours:>13.1f} {theirs:>9.1f} {ours / theirs:>6.2f} {statistics.median(ttft) * 1e3:>12.0f} "
-              f"{max(ttft) * 1e3:>12.0f}")
+    print(f"{'workload':>16} {'concurrent':>10} {'jaxgen tok/s':>13} {'HF tok/s':>9} {'ratio':>6} {'TTFT p50 ms':>12} "
+          f"{'TTFT max ms':>12}")
+    workloads = [("mixed prompts", prompts, levels), ("shared 1k system", shared_prefix_prompts, [c for c in levels if c > 1])]
+    for name, make, counts in workloads:
+        for c in counts:
+            batch = make(llm, c)
+            wall, ttft = run_jaxgen(llm, batch, args.new_tokens)
+            ours = c * args.new_tokens / wall
+            theirs = (c * args.new_tokens / run_hf(hf, batch, args.new_tokens, llm.tokenizer.pad_token_id or 0)
+                      if hf else float("nan"))
+            print(f"{name:>16} {c:>10} {ours:>13.1f} {theirs:>9.1f} {ours / theirs:>6.2f} "
+                  f"{statistics.median(ttft) * 1e3:>12.0f} {max(ttft) * 1e3:>12.0f}")
     batch = prompts(llm, 16)
     together, _ = run_jaxgen(llm, batch, args.new_tokens)
     one_by_one = sum(run_jaxgen(llm, [p], args.new_tokens)[0] for p in batch)

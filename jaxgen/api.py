@@ -22,7 +22,8 @@ from jaxgen.models.loading import load_model
 from jaxgen.sampling import SamplingParams
 
 from .buckets import bucket_for
-from .engine import Admitted, ChoiceUpdate, Engine, EngineConfig, TokenInfo
+from .engine import Engine, EngineConfig
+from .events import Admitted, ChoiceUpdate, TokenInfo
 from .errors import InvalidRequestError, JaxgenError, ModelLoadError, NotFoundError
 from .generator import ChatChunker, CompletionChunker, StreamMeta, aggregate_chat, chunks_of, merge_completion
 from .protocol import (ChatCompletionRequest, CompletionRequest, message_text, parse_chat_request,

@@ -1,215 +1,57 @@
 """The engine: continuous batching over a fixed number of slots, driven by one background thread.
 
-Device side (all jitted, shapes fixed): `prefill_prompt` runs one prompt padded to a bucket;
-`insert_choice` copies its KV, first logits and sampling row into a slot; `decode_step` samples
-one token for every slot from the logits it holds and runs the model on those tokens. The
-sampled token of a freshly inserted slot is its first generated token, so first and later
-tokens take the same path.
+Each turn of the loop, on the host: admit waiting requests into free slots (each starts from the longest
+prompt prefix a slot already holds, `prefix.py`); pick up to `prefill_budget` tokens of prompt chunks, from
+several requests (or several chunks of one long prompt), for one `prefill_chunks` call; start the choices
+whose prompts are complete; dispatch one `decode_step` over the live slots; then read back the previous
+step's tokens. Dispatch is asynchronous, so step t+1 is queued before step t is read (detokenizing, stop
+strings and event delivery overlap the device's work); with a grammar-constrained choice running, the
+next mask needs the token just sampled, so the loop reads each step back before dispatching the next.
 
-Host side: requests wait in a bounded queue, join as slots free up and leave when done. The
-loop dispatches step t+1 before it reads step t back (JAX dispatch is asynchronous), so the
-detokenizing, stop-string matching and event delivery for step t overlap the device's work.
-While a grammar-constrained choice (response_format) is running, the next step's mask depends on
-the token just sampled, so the loop reads each step back before dispatching the next.
+Prompts are cut into chunks at fixed positions (multiples of `chunk`): a long arrival delays running
+streams by at most one call of `prefill_budget` tokens, and a prompt's K/V never depends on what else was
+batched with it or on the prefix cache. Programs are compiled ahead of time by shape (`compiled.py`).
+
+Failures stay with their request where the device state is intact (a host-side error while starting or
+advancing one request fails that request alone); an error from a device program, after which the state
+is unknown, resets the engine and tells every request it touched.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import dataclasses
 import functools
 import itertools
-import queue
+import json
 import threading
-from typing import Any, Iterator, Sequence
+import weakref
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from jaxgen.models import llama
 from jaxgen.models import lora as lora_lib
-from jaxgen.sampling import (TOP_LOGPROBS, SamplingParams, SlotState, clear_slot, full_bitmask, init_state,
-                             make_row, prompt_logprobs, row_key, sample, write_slot)
+from jaxgen.models.family import family_for
+from jaxgen.sampling import SamplingParams, full_bitmask, make_row, row_key
 
+from . import programs
 from .buckets import all_buckets, bucket_for
-from .errors import InvalidRequestError, JaxgenError, NotFoundError, QueueFullError
-from .stops import StopStringMatcher
+from .compiled import ProgramTable
 from .detokenizer import IncrementalDetokenizer
+from .errors import InvalidRequestError, JaxgenError, NotFoundError, QueueFullError
+from .events import Admitted, ChoiceUpdate, Done, RequestHandle, TokenInfo, token_info
+from .prefix import Match, PrefixIndex
+from .stops import StopStringMatcher
 
 MIN_KV_BUCKET = 128
-
-
-# ----------------------------------------------------------------------------- device functions
-
-@struct.dataclass
-class DecodeState:
-    """Everything the decode step reads and writes, one row per slot."""
-
-    cache: llama.Cache  # L × [S, T_max, KVH, Dh] for k and v
-    sampler: SlotState
-    logits: jax.Array  # f32[S, V]: the distribution each slot samples its next token from
-    positions: jax.Array  # i32[S]: where the next sampled token will be written
-    adapters: jax.Array  # i32[S]: LoRA adapter per row, 0 = none (every row 0 until adapters load)
-
-
-def init_decode_state(cfg, num_slots: int, max_len: int, dtype) -> DecodeState:
-    """Empty slots: zero cache, idle (greedy) sampling rows, zero logits and positions."""
-    return DecodeState(cache=llama.init_cache(cfg, num_slots, max_len, dtype),
-                       sampler=init_state(num_slots, cfg.vocab_size),
-                       logits=jnp.zeros((num_slots, cfg.vocab_size), jnp.float32),
-                       positions=jnp.zeros((num_slots,), jnp.int32),
-                       adapters=jnp.zeros((num_slots,), jnp.int32))
-
-
-def pack_output(out) -> jax.Array:
-    """One f32[S, 2 + 2K] array (ids bitcast) so the host needs a single device-to-host copy per step."""
-    as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
-    return jnp.concatenate([as_f32(out.tokens)[:, None], out.logprobs[:, None],
-                            as_f32(out.top_ids), out.top_logprobs], axis=1)
-
-
-def unpack_output(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Host inverse of `pack_output`: tokens [S], logprobs [S], top_ids [S, K], top_logprobs [S, K]."""
-    k = (packed.shape[1] - 2) // 2
-    ids = packed.view(np.int32)
-    return ids[:, 0], packed[:, 1], ids[:, 2:2 + k], packed[:, 2 + k:]
-
-
-def head_rows(tree, rows: int):
-    """The first `rows` rows of every array in `tree`."""
-    return jax.tree.map(lambda x: x[:rows], tree)
-
-
-def put_head_rows(tree, head, rows: int):
-    """`tree` with its first `rows` rows replaced by `head` (in place when donated)."""
-    return jax.tree.map(lambda x, h: x.at[:rows].set(h), tree, head)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "rows"), donate_argnames=("state",))
-def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, cfg, kv_len: int, rows: int):
-    """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
-
-    `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
-    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`.
-    """
-    out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
-    adapters = None if lora is None else state.adapters[:rows]
-    logits, cache = llama.decode(params, cfg, state.cache, out.tokens, state.positions[:rows], kv_len, lora, adapters)
-    last = state.cache["k"][0].shape[-1] - 1  # finished rows may step once past the end: clamp, never read
-    new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
-                        logits=state.logits.at[:rows].set(logits),
-                        positions=state.positions.at[:rows].set(jnp.minimum(state.positions[:rows] + 1, last)))
-    return new, pack_output(out)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "score"))
-def prefill_prompt(params, tokens, length, lora=None, adapter=None, *, cfg, score: bool):
-    """One prompt tokens [1, T] -> (kv, logits at its last token [V], prompt scores or None).
-
-    With `score`, also the log-prob of every prompt token but the first and the top-20 there. With
-    `lora`, the prompt runs with adapter index `adapter` (a traced i32 scalar, 0 = none).
-    """
-    adapters = None if lora is None else jnp.reshape(adapter, (1,))
-    kv, hidden = llama.prefill(params, cfg, tokens, length, lora, adapters)
-    last = llama.lm_logits(params, cfg, hidden[0, length[0] - 1])
-    if not score:
-        return kv, last, None
-    return kv, last, prompt_logprobs(llama.lm_logits(params, cfg, hidden[0]), tokens[0], TOP_LOGPROBS, length[0])
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def insert_choice(state: DecodeState, kv, last_logits, slot, prompt_len, row, adapter=None) -> DecodeState:
-    """Put one choice of a prefilled prompt into `slot` (traced, so one program serves every slot), with its
-    LoRA adapter index (traced; None = 0, no adapter)."""
-    return state.replace(cache=llama.insert(state.cache, kv, 0, slot),
-                         sampler=write_slot(state.sampler, slot, row),
-                         logits=state.logits.at[slot].set(last_logits),
-                         positions=state.positions.at[slot].set(prompt_len),
-                         adapters=state.adapters.at[slot].set(0 if adapter is None else adapter))
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def release_slot(state: DecodeState, slot) -> DecodeState:
-    """Return a slot's sampling row to idle so its filters no longer run."""
-    return state.replace(sampler=clear_slot(state.sampler, slot))
+PREFILL_ROW_BUCKETS = (1, 2, 4, 8)  # prompt chunks per prefill call (padded up to one of these)
+MIN_DECODE_ROWS_GEMM = 8  # decode batches of 2..8 rows run as 8 (one rounding class; see row_buckets)
 
 
 # ----------------------------------------------------------------------------- host-side records
-
-@dataclasses.dataclass(frozen=True)
-class TokenInfo:
-    """One generated (or prompt) token with its raw log-prob and the top alternatives (trimmed)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Admitted:
-    """The prompt was prefilled; `prompt_scores` holds its tokens' log-probs when asked for."""
-
-    prompt_tokens: int
-    prompt_scores: tuple[TokenInfo, ...] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class ChoiceUpdate:
-    """New output of one choice: text safe to show, the tokens behind it, and why it ended (if it did)."""
-
-    index: int
-    text: str
-    tokens: tuple[TokenInfo, ...]
-    finish_reason: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Done:
-    """Every choice has finished."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-Event = Admitted | ChoiceUpdate | Done | JaxgenError
-
-
-class RequestHandle:
-    """The consumer's end of a request: iterate it (sync or async) for events; `cancel()` frees its slots."""
-
-    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
-        self.request_id = request_id
-        self.cancelled = threading.Event()
-        self._loop = loop
-        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
-
-    def deliver(self, event: Event) -> None:
-        """Called by the engine thread: hand one event to the consumer."""
-        if self._loop is None:
-            self._queue.put(event)
-        else:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-
-    def cancel(self) -> None:
-        """Stop generating; the engine frees the slots at its next step."""
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            event = self._queue.get()
-            yield event
-            if isinstance(event, (Done, JaxgenError)):
-                return
-
-    async def __aiter__(self):
-        while True:
-            event = await self._queue.get()
-            yield event
-            if isinstance(event, (Done, JaxgenError)):
-                return
-
 
 @dataclasses.dataclass
 class Request:
@@ -221,6 +63,20 @@ class Request:
     grammar: Any = None  # jaxgen.grammar.Grammar constraining every choice, or None
     adapter: int = 0  # LoRA adapter index (0 = none; i = the engine's i-th stacked adapter)
     completion_tokens: int = 0  # summed over choices as they finish
+    slots: list[int] = dataclasses.field(default_factory=list)  # every slot it holds (prefill and choices)
+
+
+@dataclasses.dataclass
+class Prefill:
+    """A request whose prompt is being run, chunk by chunk, into cache row `slot`."""
+
+    request: Request
+    ids: np.ndarray  # i32[T]
+    slot: int
+    choice_slots: list[int]  # the n slots its choices will decode in (the first is `slot`); [] to score only
+    next: int  # the first prompt position not dispatched yet
+    scores: list = dataclasses.field(default_factory=list)  # (start, count, device scores, row) per scored chunk
+    reused_scores: tuple | None = None  # host scores of the reused prefix
 
 
 @dataclasses.dataclass
@@ -238,19 +94,35 @@ class Choice:
     finished: bool = False
 
 
-# ----------------------------------------------------------------------------- the engine
+class DeviceFailure(Exception):
+    """A device program failed: the decode state can no longer be trusted."""
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Static sizes: slots, context per slot, queue bound, the key unseeded requests derive from, and how
-    much prefill may run between two decode steps."""
+    """Static sizes: slots, context per slot, queue bound, the key unseeded requests derive from, prefill
+    chunking, prefix caching and where compiled programs are kept."""
 
-    num_slots: int = 8
+    num_slots: int = 32
     max_len: int = 2048
     max_queue: int = 256
     seed: int = 0
-    prefill_budget: int = 512  # prompt tokens prefilled between two decode steps (at least one request)
+    prefill_budget: int = 512  # prompt tokens run between two decode steps (whole chunks, at least one)
     strict_schemas: bool = True  # JSON schemas refuse undeclared keys (grammar.strict_schema)
+    chunk: int = 64  # prompt chunk length: prefill rows and prefix reuse are whole chunks
+    prefix_cache: bool = True  # reuse prompt prefixes that slots already hold
+    executable_cache: str | None = None  # directory of serialized compiled programs (None: compile every start)
+
+
+_LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """Stop every engine thread before the interpreter tears JAX down (a daemon thread inside JAX at exit
+    aborts the process)."""
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
 
 
 class Engine:
@@ -258,12 +130,17 @@ class Engine:
 
     def __init__(self, cfg, params, tokenizer, config: EngineConfig = EngineConfig(), lora=None):
         """`lora`: stacked LoRA adapters (`models.lora.stack_adapters`), fixed for the engine's life, or None."""
+        if config.chunk < 1 or config.prefill_budget < config.chunk:
+            raise ValueError(f"chunk ({config.chunk}) must be >= 1 and <= prefill_budget ({config.prefill_budget})")
         self.cfg, self.params, self.tokenizer, self.config = cfg, params, tokenizer, config
+        self.family = family_for(cfg)
         self.lora = lora
         self.num_adapters = lora_lib.num_adapters(lora)
         self.context_limit = min(config.max_len, cfg.max_position_embeddings)
         self.dtype = jax.tree.leaves(params)[0].dtype
-        self.state = init_decode_state(cfg, config.num_slots, config.max_len, self.dtype)
+        self.state = self._empty_state()
+        self.state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
+        self.spare = programs.spare_position(self.state)
         self.bitmask = jnp.asarray(full_bitmask(config.num_slots, cfg.vocab_size))  # every token allowed
         self.bitmask_rows = full_bitmask(config.num_slots, cfg.vocab_size)  # host rows, filled by matchers
         eos = np.zeros(cfg.vocab_size, np.bool_)
@@ -272,11 +149,18 @@ class Engine:
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.key_data = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
         self.choices: list[Choice | None] = [None] * config.num_slots
+        self.prefills: list[Prefill] = []
+        self.prefix = PrefixIndex(config.num_slots, config.chunk, config.prefix_cache)
         self.waiting: collections.deque[Request] = collections.deque()
         self.request_ids = itertools.count(1)
+        self.counters = collections.Counter()
+        self.programs = ProgramTable(self._lower, self._identity(), config.executable_cache)
+        self.compile_error: BaseException | None = None
         self.wake = threading.Condition()
+        self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="jaxgen-engine", daemon=True)
         self.thread.start()
+        _LIVE_ENGINES.add(self)
 
     # ---- public, any thread
 
@@ -295,6 +179,8 @@ class Engine:
             raise NotFoundError(f"LoRA adapter index {adapter} not found; this engine has {self.num_adapters}",
                                 param="peft")
         with self.wake:
+            if self.closed.is_set():
+                raise JaxgenError("the engine is closed")
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             handle = RequestHandle(next(self.request_ids), loop)
@@ -309,24 +195,55 @@ class Engine:
         return GrammarCompiler(self.tokenizer, self.cfg.vocab_size, strict=self.config.strict_schemas)
 
     def stats(self) -> dict:
-        """Queue depth and slot occupancy, for /metrics."""
+        """Queue depth, slot occupancy and prefix-cache counters, for /metrics."""
         return {"queue_depth": len(self.waiting), "num_slots": self.config.num_slots,
-                "running_slots": sum(c is not None for c in self.choices)}
+                "running_slots": sum(c is not None for c in self.choices) + len(self.prefills),
+                "prefix_cache_hit_tokens_total": self.prefix.hit_tokens,
+                "prefill_tokens_total": self.counters["prefill_tokens"],
+                "prompt_tokens_total": self.counters["prompt_tokens"],
+                "compiled_programs": len(self.programs.ready), "programs": len(self.program_keys()),
+                "warming": int(self._compiling())}
 
-    def warmup(self, prompt_buckets: Sequence[int] | None = None) -> None:
-        """Compile every program a workload can reach (each prompt bucket, scored or not, each KV bucket)."""
-        buckets = prompt_buckets or all_buckets(self.context_limit)
-        params = SamplingParams(max_tokens=1, loglikelihood=True)
-        for bucket in buckets:
-            length = max(2, min(bucket, self.context_limit - 1))
-            for handle in [self.submit([0] * length, params), self.submit([0] * length, SamplingParams(max_tokens=1))]:
-                for _ in handle:
-                    pass
-        for kv_len in all_buckets(self.config.max_len, MIN_KV_BUCKET):
-            for rows in row_buckets(self.config.num_slots):
-                self.state, _ = decode_step(self.params, self.state, self.bitmask, self.eos_mask, self.lora,
-                                            cfg=self.cfg, kv_len=kv_len, rows=rows)
-        self.state = release_slot(self.state, jnp.int32(0))
+    @property
+    def ready(self) -> bool:
+        """Whether every program is compiled (after `warmup`, or when background compiling has finished)."""
+        return len(self.programs.ready) >= len(self.program_keys())
+
+    def warmup(self) -> None:
+        """Compile (or load) every program a workload can reach, so no request ever waits for a compile."""
+        self.programs.build_all(self.program_keys())
+        self._warm_helpers()
+
+    def warmup_in_background(self) -> None:
+        """Compile the programs that serve every shape first (the largest), then the rest in a background thread
+        while requests are served; `ready` turns true when all are done."""
+        keys = self.program_keys()
+        essential = [k for k in keys if k in self._covering_keys()]
+        self.programs.build_all(essential)
+        self._warm_helpers()
+        most, kv = self.prefill_row_buckets()[-1], self.kv_buckets()[-1]
+        first = [("prefill", most, kv, False), ("prefill", most, kv, True)]
+        rest = sorted((k for k in keys if k not in essential and k not in first), key=lambda k: (k[0], k[2], k[1]))
+        self.programs.build_in_background(first + rest, self._on_compile_error)
+
+    def close(self) -> None:
+        """Stop the engine thread, fail whatever is queued or running, and free the device state."""
+        with self.wake:
+            if self.closed.is_set():
+                return
+            self.closed.set()
+            self.wake.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+        self.programs.close()
+        error = JaxgenError("the engine was closed")
+        for request in self._running_requests() + list(self.waiting):
+            request.handle.deliver(error)
+        self.waiting.clear()
+        self.choices = [None] * self.config.num_slots
+        self.prefills = []
+        self.state = None
+        _LIVE_ENGINES.discard(self)
 
     # ---- validation
 
@@ -346,20 +263,108 @@ class Engine:
         if params.n > self.config.num_slots:
             raise InvalidRequestError(f"n={params.n} exceeds the engine's {self.config.num_slots} slots", param="n")
 
+    # ---- programs
+
+    def kv_buckets(self) -> list[int]:
+        """Attention windows the programs are compiled for."""
+        return all_buckets(self.config.max_len, min(MIN_KV_BUCKET, self.config.max_len))
+
+    def program_keys(self) -> list[tuple]:
+        """Every program shape: ("decode", rows, kv_len) and ("prefill", chunks, kv_len, score)."""
+        kv = self.kv_buckets()
+        decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in kv]
+        prefill = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in kv for score in (False, True)]
+        return decode + prefill
+
+    def prefill_row_buckets(self) -> list[int]:
+        """Chunks per prefill call, up to what the budget allows."""
+        most = self.config.prefill_budget // self.config.chunk
+        return [b for b in PREFILL_ROW_BUCKETS if b <= most] or [1]
+
+    def _covering_keys(self) -> set[tuple]:
+        """The programs that can run any workload on their own (the largest decode; one-chunk prefills at the
+        largest window)."""
+        kv = self.kv_buckets()[-1]
+        return {("decode", self.config.num_slots, kv), ("prefill", 1, kv, False), ("prefill", 1, kv, True)}
+
+    def _prefill_rows_ready(self) -> int:
+        """Chunks one prefill call may take: all the budget allows, or while compiling in the background, as
+        many as a ready program at the largest window takes."""
+        buckets = self.prefill_row_buckets()
+        if not self._compiling():
+            return buckets[-1]
+        kv = self.kv_buckets()[-1]
+        ready = [b for b in buckets if all(("prefill", b, kv, s) in self.programs.ready for s in (False, True))]
+        return max(ready, default=1)
+
+    def _identity(self) -> str:
+        """Everything besides the sources that a compiled program depends on."""
+        shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), (self.params, self.lora))
+        return json.dumps([repr(self.cfg), self.family.name, dataclasses.astuple(self.config)[:2],
+                           self.config.chunk, repr(shapes)])
+
+    def _lower(self, key: tuple):
+        """The `jax.stages.Lowered` of one program key, from the engine's real arguments' shapes."""
+        if key[0] == "decode":
+            _, rows, kv_len = key
+            return programs.decode_step.lower(self.params, self.state_shapes, self.bitmask, self.eos_mask, self.lora,
+                                              family=self.family, cfg=self.cfg, kv_len=kv_len, rows=rows)
+        _, batch, kv_len, score = key
+        tokens = jax.ShapeDtypeStruct((batch, self.config.chunk), jnp.int32)
+        rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        adapters = None if self.lora is None else rows
+        return programs.prefill_chunks.lower(self.params, self.state_shapes, tokens, tokens, rows, rows, tokens,
+                                             self.lora, adapters, family=self.family, cfg=self.cfg, kv_len=kv_len,
+                                             score=score)
+
+    def _compiling(self) -> bool:
+        """Whether programs are still being compiled in the background."""
+        return self.programs.background is not None and self.programs.background.is_alive()
+
+    def _program(self, wanted: tuple, fallbacks: list[tuple]) -> tuple[tuple, Any]:
+        """(key, executable): `wanted`, or while it is still compiling in the background, the first ready of
+        `fallbacks` (larger shapes that also fit); compiled now only when none is ready."""
+        ready = self.programs.first_ready([wanted, *fallbacks]) if self._compiling() else None
+        return ready or (wanted, self.programs.get(wanted))
+
+    def _warm_helpers(self) -> None:
+        """Trace the small jitted helpers once (slot start, copy, release), so no request traces them."""
+        row = make_row(SamplingParams(), [0], self.key_data, self.cfg.vocab_size)
+        for batch in self.prefill_row_buckets():
+            logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
+            self.state = programs.start_choice(self.state, logits, jnp.int32(0), jnp.int32(0), jnp.int32(0), row,
+                                               jnp.int32(0))
+        self.state = programs.copy_slot(self.state, jnp.int32(0), jnp.int32(0))
+        self.state = programs.release_slot(self.state, jnp.int32(0))
+        jax.block_until_ready(self.state)
+
+    def _on_compile_error(self, error: BaseException) -> None:
+        """Background compiling failed: remember it (the programs compile on demand instead)."""
+        self.compile_error = error
+
+    def _empty_state(self) -> programs.DecodeState:
+        """A fresh decode state: every slot idle, its writes aimed at the spare column."""
+        return programs.init_decode_state(self.family, self.cfg, self.config.num_slots, self.config.max_len,
+                                          self.dtype)
+
     # ---- engine thread
 
     def _run(self) -> None:
-        """Admit, dispatch step t+1, then process step t, forever."""
+        """Admit, prefill, dispatch step t+1, then process step t, until closed."""
         in_flight = None
-        while True:
+        while not self.closed.is_set():
             try:
                 self._drop_cancelled()
                 self._admit()
+                self._prefill()
                 if not any(self.choices):
-                    in_flight = None
-                    with self.wake:
-                        if not self.waiting:
-                            self.wake.wait()
+                    if in_flight is not None:
+                        self._process(*in_flight)
+                        in_flight = None
+                    if not self.prefills:
+                        with self.wake:
+                            if not self.waiting and not self.closed.is_set():
+                                self.wake.wait()
                     continue
                 if in_flight is not None and self._constrained():  # masks need step t's tokens first
                     self._process(*in_flight)
@@ -369,105 +374,255 @@ class Engine:
                 if in_flight is not None:
                     self._process(*in_flight)
                 in_flight = next_flight
-            except Exception as e:  # a bug must fail the requests it touched, never hang every stream
+            except DeviceFailure as e:
                 in_flight = None
-                self._fail_running(JaxgenError(f"internal error in the engine: {e!r}"))
+                self._reset(JaxgenError(f"internal error on the device: {e.__cause__!r}"))
+            except Exception as e:  # a host-side bug outside any one request: the state may be inconsistent
+                in_flight = None
+                self._reset(JaxgenError(f"internal error in the engine: {e!r}"))
 
-    def _fail_running(self, error: JaxgenError) -> None:
+    def _device(self, fn, *args, **kwargs):
+        """Run one device program (or read one back); any failure marks the device state unknown."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise DeviceFailure() from e
+
+    def _running_requests(self) -> list[Request]:
+        """Every request holding a slot (prefilling or decoding), once each."""
+        found = {id(p.request): p.request for p in self.prefills}
+        found.update({id(c.request): c.request for c in self.choices if c is not None})
+        return list(found.values())
+
+    def _reset(self, error: JaxgenError) -> None:
         """Deliver `error` to every request holding a slot, then start from empty slots (the state may be gone)."""
-        for request in {id(c.request): c.request for c in self.choices if c is not None}.values():
+        for request in self._running_requests():
             request.handle.deliver(error)
         self.choices = [None] * self.config.num_slots
+        self.prefills = []
+        self.prefix = PrefixIndex(self.config.num_slots, self.config.chunk, self.config.prefix_cache)
         self.bitmask_rows[:] = -1  # no grammar survives: stale rows would mask the next unconstrained choices
-        self.state = init_decode_state(self.cfg, self.config.num_slots, self.config.max_len, self.dtype)
+        self.state = self._empty_state()
+
+    def _fail_request(self, request: Request, error: JaxgenError) -> None:
+        """Fail one request whose device rows are intact: free its slots, tell it, leave the others running."""
+        self.prefills = [p for p in self.prefills if p.request is not request]
+        for slot in request.slots:
+            choice = self.choices[slot]
+            if choice is not None and choice.request is request:
+                choice.finished = True
+                self.choices[slot] = None
+            self.bitmask_rows[slot] = -1
+            self.prefix.forget(slot)  # a half-run prompt leaves nothing reusable
+            self.state = self._device(programs.release_slot, self.state, jnp.int32(slot))
+        request.slots = []
+        request.handle.deliver(error)
 
     def _constrained(self) -> bool:
         """Whether any running choice follows a grammar."""
         return any(c is not None and c.matcher is not None for c in self.choices)
 
-    def _dispatch(self):
-        """Launch one decode step over all slots; returns (packed outputs, who occupied each slot)."""
-        active = [c for c in self.choices if c is not None]
-        needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
-        kv_len = bucket_for(max(needed, MIN_KV_BUCKET), self.config.max_len)
-        rows = next(b for b in row_buckets(self.config.num_slots) if b > max(c.slot for c in active))
-        bitmask = jnp.asarray(self.bitmask_rows) if self._constrained() else self.bitmask
-        self.state, packed = decode_step(self.params, self.state, bitmask, self.eos_mask, self.lora, cfg=self.cfg,
-                                         kv_len=kv_len, rows=rows)
-        for c in active:
-            c.position += 1
-        return packed, self.choices[:rows]
+    def _busy(self) -> set[int]:
+        """Slots held by a choice or a prefill."""
+        held = {s for p in self.prefills for s in [p.slot, *p.choice_slots]}
+        return held | {i for i, c in enumerate(self.choices) if c is not None}
+
+    # ---- admission and prefill
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, oldest first, while the oldest fits.
-
-        Prompts admitted between two decode steps are limited to `prefill_budget` tokens (at least
-        one request), so a burst of arrivals starts decoding early instead of after every prefill.
-        """
-        budget = self.config.prefill_budget
-        while self.waiting and budget > 0:
+        """Move waiting requests into free slots, oldest first, while the oldest fits (and waiting would not
+        reuse more of its prompt)."""
+        while self.waiting:
             request = self.waiting[0]
-            free = [i for i, c in enumerate(self.choices) if c is None]
-            needed = request.params.n if request.params.max_tokens > 0 else 0
+            free = [s for s in range(self.config.num_slots) if s not in self._busy()]
+            needed = request.params.n if request.params.max_tokens > 0 else 1
             if needed > len(free):
                 return
+            ids = np.asarray(request.prompt_ids, np.int32)
+            scored = request.params.loglikelihood
+            now = self.prefix.best(ids, request.adapter, scored)
+            soon = self.prefix.best(ids, request.adapter, scored, planned=True)
+            if soon.length >= now.length + self.config.chunk and self._prefilling(soon.source):
+                return  # a prompt being run holds more of this one: start after its chunks are dispatched
             with self.wake:
                 self.waiting.popleft()
-            budget -= len(request.prompt_ids)
             try:
-                self._start(request, free[:needed])
+                self._start(request, ids, free, now)
+            except DeviceFailure:
+                request.handle.deliver(JaxgenError("internal error on the device while starting this request"))
+                raise
             except JaxgenError as e:
-                request.handle.deliver(e)
+                self._fail_request(request, e)
+            except Exception as e:  # a host-side bug in starting this one request
+                self._fail_request(request, JaxgenError(f"internal error starting the request: {e!r}"))
 
-    def _start(self, request: Request, slots: list[int]) -> None:
-        """Prefill one request and insert its n choices (or, with max_tokens=0, only score the prompt)."""
-        ids, params = request.prompt_ids, request.params
-        bucket = bucket_for(len(ids), self.context_limit)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :len(ids)] = ids
-        lora = () if self.lora is None else (self.lora, jnp.int32(request.adapter))  # none: the plain programs
-        kv, last, scores = prefill_prompt(self.params, jnp.asarray(tokens), jnp.array([len(ids)], jnp.int32), *lora,
-                                          cfg=self.cfg, score=params.loglikelihood)
-        request.handle.deliver(Admitted(len(ids), self._prompt_scores(ids, scores, params)))
-        if not slots:  # max_tokens 0: scoring only, every choice ends at once
+    def _prefilling(self, slot: int) -> bool:
+        """Whether `slot` is running a prompt now."""
+        return any(p.slot == slot for p in self.prefills)
+
+    def _start(self, request: Request, ids: np.ndarray, free: list[int], match: Match) -> None:
+        """Give `request` its slots, reuse `match` (in place, or copied from a busy slot) and queue its prefill."""
+        if match.length and match.source in free:
+            slot = match.source
+        else:
+            slot = self.prefix.victim(free)
+            if match.length:
+                self.state = self._device(programs.copy_slot, self.state, jnp.int32(match.source), jnp.int32(slot))
+        rest = [s for s in free if s != slot]
+        others = sorted(rest, key=lambda s: self.prefix.slots[s].last_used)[:request.params.n - 1]
+        choice_slots = [slot, *others] if request.params.max_tokens > 0 else []
+        request.slots = [slot, *others] if choice_slots else [slot]
+        reused_scores = None
+        if request.params.loglikelihood and match.length:
+            reused_scores = tuple(a[:match.length] for a in self.prefix.slots[match.source].scores)
+        self.prefix.claim(slot, ids, request.adapter, request.params.loglikelihood, match)
+        self.counters["prompt_tokens"] += len(ids)
+        self.prefills.append(Prefill(request, ids, slot, choice_slots, match.length, reused_scores=reused_scores))
+
+    def _prefill(self) -> None:
+        """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget."""
+        rows = []  # (prefill, start, count)
+        most = self._prefill_rows_ready()
+        for p in self.prefills:
+            while p.next < len(p.ids) and len(rows) < most:
+                count = min(self.config.chunk - p.next % self.config.chunk, len(p.ids) - p.next)
+                rows.append((p, p.next, count))
+                p.next += count
+        if not rows:
+            return
+        last_logits, scores = self._run_chunks(rows)
+        for b, (p, start, count) in enumerate(rows):
+            if p.request.params.loglikelihood:
+                p.scores.append((start, count, scores, b))
+            self.prefix.advance(p.slot, start + count)
+        for b, (p, start, count) in enumerate(rows):
+            if start + count < len(p.ids):
+                continue
+            self.prefills.remove(p)
+            try:
+                self._complete(p, last_logits, b)
+            except DeviceFailure:  # the reset that follows tells the running requests; this one is not among them
+                p.request.handle.deliver(JaxgenError("internal error on the device while starting this request"))
+                raise
+            except JaxgenError as e:
+                self._fail_request(p.request, e)
+            except Exception as e:
+                self._fail_request(p.request, JaxgenError(f"internal error starting the request: {e!r}"))
+
+    def _run_chunks(self, rows):
+        """One `prefill_chunks` call over `rows` [(prefill, start, count)], padded to a bucket."""
+        chunk = self.config.chunk
+        batch = next(b for b in self.prefill_row_buckets() + [len(rows)] if b >= len(rows))
+        tokens = np.zeros((batch, chunk), np.int32)
+        positions = np.full((batch, chunk), self.spare, np.int32)
+        targets = np.zeros((batch, chunk), np.int32)
+        slots = np.zeros(batch, np.int32)
+        last = np.zeros(batch, np.int32)
+        adapters = np.zeros(batch, np.int32)
+        for b, (p, start, count) in enumerate(rows):
+            tokens[b, :count] = p.ids[start:start + count]
+            positions[b, :count] = np.arange(start, start + count)
+            nxt = p.ids[start + 1:start + count + 1]
+            targets[b, :len(nxt)] = nxt
+            slots[b], last[b], adapters[b] = p.slot, count - 1, p.request.adapter
+        kv_len = bucket_for(max(max(int(positions[b, :c].max()) for b, (_, _, c) in enumerate(rows)) + 1,
+                                self.kv_buckets()[0]), self.config.max_len)
+        score = any(p.request.params.loglikelihood for p, _, _ in rows)
+        fallbacks = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in self.kv_buckets()
+                     if b >= batch and k >= kv_len and (b, k) != (batch, kv_len)]
+        (_, batch, _, _), program = self._program(("prefill", batch, kv_len, score), fallbacks)
+        tokens, positions, targets, slots, last, adapters = (
+            pad_rows(a, batch, fill) for a, fill in
+            ((tokens, 0), (positions, self.spare), (targets, 0), (slots, 0), (last, 0), (adapters, 0)))
+        lora = (self.lora, None if self.lora is None else jnp.asarray(adapters))
+        self.counters["prefill_tokens"] += sum(c for _, _, c in rows)
+        self.state, last_logits, scores = self._device(
+            program, self.params, self.state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(slots),
+            jnp.asarray(last), jnp.asarray(targets), *lora)
+        return last_logits, scores
+
+    def _complete(self, p: Prefill, last_logits, b: int) -> None:
+        """A prompt is fully run: deliver its scores, then start its choices (or end a scoring-only request)."""
+        request, params = p.request, p.request.params
+        scores = self._read_scores(p) if params.loglikelihood else None
+        request.handle.deliver(Admitted(len(p.ids), scores))
+        if not p.choice_slots:  # max_tokens 0: scoring only, every choice ends at once
             for index in range(params.n):
                 request.handle.deliver(ChoiceUpdate(index, "", (), "length"))
-            request.handle.deliver(Done(len(ids), 0))
+            request.slots = []
+            self.prefix.touch(p.slot)
+            request.handle.deliver(Done(len(p.ids), 0))
             return
-        for index, slot in enumerate(slots):
+        for index, slot in enumerate(p.choice_slots):
+            if slot != p.slot:
+                self.state = self._device(programs.copy_slot, self.state, jnp.int32(p.slot), jnp.int32(slot))
+                self.prefix.forget(slot)
             key = row_key(params.seed, index, self.key_data, request.handle.request_id)
-            row = make_row(params, ids, key, self.cfg.vocab_size)
-            self.state = insert_choice(self.state, kv, last, jnp.int32(slot), jnp.int32(len(ids)), row, *lora[1:])
+            row = make_row(params, p.ids.tolist(), key, self.cfg.vocab_size)
+            self.state = self._device(programs.start_choice, self.state, last_logits, jnp.int32(b), jnp.int32(slot),
+                                      jnp.int32(len(p.ids)), row, jnp.int32(request.adapter))
             matcher = request.grammar.matcher() if request.grammar is not None else None
             if matcher is not None:
                 matcher.fill_bitmask(self.bitmask_rows[slot])
             detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-            self.choices[slot] = Choice(request, index, slot, len(ids), detokenizer, StopStringMatcher(params.stop),
+            self.choices[slot] = Choice(request, index, slot, len(p.ids), detokenizer, StopStringMatcher(params.stop),
                                         matcher)
 
-    def _prompt_scores(self, ids, scores, params: SamplingParams) -> tuple[TokenInfo, ...] | None:
-        """TokenInfo for prompt tokens 1..T-1, top alternatives trimmed to top_logprobs."""
-        if scores is None:
-            return None
-        logprobs, top_ids, top_lps = (np.asarray(a) for a in scores)
-        return tuple(token_info(ids[i + 1], logprobs[i], top_ids[i], top_lps[i], params.top_logprobs)
-                     for i in range(len(ids) - 1))
+    def _read_scores(self, p: Prefill) -> tuple[TokenInfo, ...]:
+        """Read a prompt's chunk scores back (reused ones come from the host), keep them with its slot for later
+        reuse, and turn them into TokenInfo for prompt tokens 1..T-1."""
+        parts = [p.reused_scores] if p.reused_scores is not None else []
+        for start, count, scores, b in p.scores:
+            logprobs, top_ids, top_lps = (self._device(np.asarray, a)[b] for a in scores)
+            n = min(count, len(p.ids) - 1 - start)  # the prompt's last token predicts nothing
+            parts.append((logprobs[:n], top_ids[:n], top_lps[:n]))
+        logprobs, top_ids, top_lps = (np.concatenate([part[i] for part in parts]) for i in range(3))
+        self.prefix.slots[p.slot].scores = (logprobs, top_ids, top_lps)
+        k = p.request.params.top_logprobs
+        return tuple(token_info(p.ids[i + 1], logprobs[i], top_ids[i], top_lps[i], k) for i in range(len(p.ids) - 1))
+
+    # ---- decode
+
+    def _dispatch(self):
+        """Launch one decode step over the live slots; returns (packed outputs, who occupied each slot)."""
+        active = [c for c in self.choices if c is not None]
+        needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
+        kv_len = bucket_for(max(needed, self.kv_buckets()[0]), self.config.max_len)
+        buckets = row_buckets(self.config.num_slots)
+        rows = next(b for b in buckets if b > max(c.slot for c in active))
+        fallbacks = [("decode", r, k) for r in buckets for k in self.kv_buckets() if r >= rows and k >= kv_len
+                     and (r, k) != (rows, kv_len)]
+        (_, rows, _), program = self._program(("decode", rows, kv_len), fallbacks)
+        bitmask = jnp.asarray(self.bitmask_rows) if self._constrained() else self.bitmask
+        self.state, packed = self._device(program, self.params, self.state, bitmask, self.eos_mask, self.lora)
+        for c in active:
+            c.position += 1
+        return packed, self.choices[:rows]
 
     def _process(self, packed, occupants: list[Choice | None]) -> None:
-        """Read one step's tokens back (one copy) and advance every choice that was live when it ran."""
-        tokens, logprobs, top_ids, top_lps = unpack_output(np.asarray(packed))
+        """Read one step's tokens back (one copy) and advance every choice that was live when it ran; a host-side
+        failure in one choice fails its request alone."""
+        tokens, logprobs, top_ids, top_lps = unpack_output(self._device(np.asarray, packed))
         for slot, choice in enumerate(occupants):
             if choice is None or choice.finished or self.choices[slot] is not choice:
                 continue
+            params = choice.request.params
             info = token_info(tokens[slot], logprobs[slot], top_ids[slot], top_lps[slot],
-                              choice.request.params.top_logprobs if choice.request.params.logprobs else 0)
-            update = self._advance(choice, info)
+                              params.top_logprobs if params.logprobs else 0)
+            try:
+                update = self._advance(choice, info)
+            except JaxgenError as e:
+                self._fail_request(choice.request, e)
+                continue
+            except Exception as e:
+                self._fail_request(choice.request, JaxgenError(f"internal error in this request: {e!r}"))
+                continue
             choice.request.handle.deliver(update)
             if update.finish_reason is not None:
                 self._finish(choice)
 
     def _advance(self, choice: Choice, info: TokenInfo) -> ChoiceUpdate:
-        """Apply SPEC's stop conditions to one new token and say what text it releases."""
+        """Apply the stop conditions of docs/api.md to one new token and say what text it releases."""
         params = choice.request.params
         choice.generated += 1
         if info.token_id in self.eos_ids and (not params.ignore_eos or choice.matcher is not None):
@@ -491,37 +646,56 @@ class Engine:
         return text if stopped else text + choice.stops.flush()
 
     def _finish(self, choice: Choice) -> None:
-        """Free the choice's slot; when it was the request's last, deliver Done."""
+        """Free the choice's slot (its prompt prefix stays for reuse); when it was the request's last, deliver Done."""
         choice.finished = True
         self.choices[choice.slot] = None
         self.bitmask_rows[choice.slot] = -1
-        self.state = release_slot(self.state, jnp.int32(choice.slot))
+        self.prefix.touch(choice.slot)
+        self.state = self._device(programs.release_slot, self.state, jnp.int32(choice.slot))
         request = choice.request
         request.completion_tokens += choice.generated
         siblings = [c for c in self.choices if c is not None and c.request is request]
         if not siblings and not request.handle.cancelled.is_set():
+            request.slots = []
             request.handle.deliver(Done(len(request.prompt_ids), request.completion_tokens))
 
     def _drop_cancelled(self) -> None:
-        """Free the slots of cancelled requests and forget cancelled waiting ones."""
+        """Free the slots of cancelled requests (running or prefilling) and forget cancelled waiting ones."""
         for choice in [c for c in self.choices if c is not None and c.request.handle.cancelled.is_set()]:
             self._finish(choice)
+        for p in [p for p in self.prefills if p.request.handle.cancelled.is_set()]:
+            self.prefills.remove(p)
+            self.prefix.forget(p.slot)  # its prompt was only partly run
         with self.wake:
             self.waiting = collections.deque(r for r in self.waiting if not r.handle.cancelled.is_set())
 
 
-def row_buckets(num_slots: int) -> list[int]:
-    """Batch sizes the decode step is compiled for: powers of two below `num_slots`, then `num_slots`.
+def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    """`a` [B, ...] padded with `fill` to `rows` rows (a larger program than the batch needs)."""
+    if len(a) >= rows:
+        return a
+    return np.concatenate([a, np.full((rows - len(a), *a.shape[1:]), fill, a.dtype)])
 
-    New requests take the lowest free slots, so a lightly loaded engine runs a small step. (Powers of
-    four compiled fewer programs but ran 8 busy rows of a 32-slot engine as 16: 0.79x HF at 8 streams.)
+
+def unpack_output(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Host inverse of `programs.pack_output`: tokens [S], logprobs [S], top_ids [S, K], top_logprobs [S, K]."""
+    k = (packed.shape[1] - 2) // 2
+    ids = packed.view(np.int32)
+    return ids[:, 0], packed[:, 1], ids[:, 2:2 + k], packed[:, 2 + k:]
+
+
+def row_buckets(num_slots: int) -> list[int]:
+    """Batch sizes the decode step is compiled for: 1, then powers of two from 8 below `num_slots`, then
+    `num_slots`.
+
+    New requests take the lowest free slots, so a lightly loaded engine runs a small step. A lone row runs
+    as one (XLA CPU's matrix-vector path: 28 ms against 65 at 8 rows); 2 to 8 rows run as 8, since XLA CPU's
+    dot rounds differently below 8 rows, and one rounding class for every batch of 8 or more makes a
+    request's tokens the same bits whatever shares its batch.
     """
     sizes = [1]
-    while sizes[-1] * 2 < num_slots:
-        sizes.append(sizes[-1] * 2)
+    size = MIN_DECODE_ROWS_GEMM
+    while size < num_slots:
+        sizes.append(size)
+        size *= 2
     return sizes + [num_slots] if sizes[-1] < num_slots else sizes
-
-
-def token_info(token_id, logprob, top_ids, top_lps, k: int) -> TokenInfo:
-    """A TokenInfo with the first `k` alternatives (already sorted by log-prob, descending)."""
-    return TokenInfo(int(token_id), float(logprob), tuple((int(t), float(p)) for t, p in zip(top_ids[:k], top_lps[:k])))

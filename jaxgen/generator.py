@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, Iterable, Iterator
 
-from .engine import Admitted, ChoiceUpdate, Event, TokenInfo
+from .events import Admitted, ChoiceUpdate, Event, TokenInfo
 from .errors import JaxgenError
 from .tools import TextDelta, ToolCall, ToolCallParser, new_call_id
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxgen.engine import Admitted, ChoiceUpdate, Done
+from jaxgen.events import Admitted, ChoiceUpdate, Done
 from jaxgen.errors import InvalidRequestError, QueueFullError
 from jaxgen.sampling import SamplingParams
 

@@ -1,0 +1,157 @@
+"""The engine's compiled programs: compiled ahead of time by shape key, never by a request.
+
+Each key (a decode or prefill shape) is lowered and compiled once, or loaded from an on-disk cache of
+serialized executables (`jax.experimental.serialize_executable`), which skips tracing as well as XLA (JAX's
+own persistent cache still traces every program to find its key). The scheduler asks for the best ready
+program among those that fit; a background thread can compile the rest while the first requests are
+served by larger ones, so a server answers early and still never compiles for a request.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import threading
+from typing import Callable, Hashable, Sequence
+
+import jax
+from jax.experimental import serialize_executable
+
+import jaxgen
+import jaxgen.models
+import jaxgen.sampling
+
+# Executables built in this process, by digest: engines of the same shapes share them, and an executable is
+# never deserialized into a process that already holds it (XLA CPU then fails to find its functions).
+_BUILT: dict[str, Callable] = {}
+_BUILT_LOCK = threading.Lock()
+
+
+def source_fingerprint() -> str:
+    """A hash of the JAX build, the device and this installation's Python sources: an executable built from
+    other code is never loaded."""
+    h = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{jax.devices()[0].device_kind}".encode())
+    for package in (jaxgen, jaxgen.models, jaxgen.sampling):
+        directory = os.path.dirname(os.path.abspath(package.__file__))
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()[:20]
+
+
+class ProgramTable:
+    """Compiled executables by key. `lower(key)` returns the `jax.stages.Lowered` of a key's program;
+    `identity` (a string) names everything else an executable depends on (model config, dtype, engine sizes),
+    so a disk entry is found again only under the same one."""
+
+    def __init__(self, lower: Callable[[Hashable], "jax.stages.Lowered"], identity: str, cache_dir: str | None):
+        self.lower = lower
+        self.cache_dir = cache_dir
+        self.identity = hashlib.sha256(f"{source_fingerprint()}|{identity}".encode()).hexdigest()[:24]
+        self.ready: dict[Hashable, Callable] = {}
+        self.lock = threading.Lock()
+        self.background: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.compiled_count = 0  # compiled here
+        self.loaded_count = 0  # loaded from disk
+        self.shared_count = 0  # already built in this process
+
+    def get(self, key: Hashable) -> Callable:
+        """The executable of `key`, compiling (or loading) it now if it is not ready."""
+        with self.lock:
+            program = self.ready.get(key)
+        return program if program is not None else self._build(key)
+
+    def first_ready(self, keys: Sequence[Hashable]) -> tuple[Hashable, Callable] | None:
+        """(key, executable) of the first ready key of `keys` (best first), or None."""
+        with self.lock:
+            return next(((k, self.ready[k]) for k in keys if k in self.ready), None)
+
+    def build_all(self, keys: Sequence[Hashable]) -> None:
+        """Make every key ready, in order (a warm-up)."""
+        for key in keys:
+            if self.stop.is_set():
+                return
+            with self.lock:
+                done = key in self.ready
+            if not done:
+                self._build(key)
+
+    def build_in_background(self, keys: Sequence[Hashable], on_error: Callable[[BaseException], None]) -> None:
+        """Start a thread that makes `keys` ready in order; `on_error` hears of a failure."""
+        def run():
+            try:
+                self.build_all(keys)
+            except BaseException as e:  # reported to the engine, which tells whoever waits for it
+                on_error(e)
+        self.background = threading.Thread(target=run, name="jaxgen-compile", daemon=True)
+        self.background.start()
+
+    def wait(self) -> None:
+        """Block until the background compilation (if any) has finished."""
+        if self.background is not None:
+            self.background.join()
+
+    def close(self) -> None:
+        """Stop background compiling and drop every executable."""
+        self.stop.set()
+        self.wait()
+        with self.lock:
+            self.ready.clear()
+
+    def _digest(self, key: Hashable) -> str:
+        """The name of key's executable: everything it depends on, hashed."""
+        return hashlib.sha256(f"{self.identity}|{key!r}".encode()).hexdigest()[:32]
+
+    def _path(self, key: Hashable) -> str | None:
+        """Where key's serialized executable lives on disk (None without a cache directory)."""
+        return None if self.cache_dir is None else os.path.join(self.cache_dir, f"{self._digest(key)}.xla")
+
+    def _build(self, key: Hashable) -> Callable:
+        """Key's executable: built already in this process, else loaded from disk, else lowered, compiled and
+        stored."""
+        digest = self._digest(key)
+        with _BUILT_LOCK:
+            program = _BUILT.get(digest)
+        if program is not None:
+            self.shared_count += 1
+        else:
+            program = self._load(key)
+            if program is not None:
+                self.loaded_count += 1
+            else:
+                program = self.lower(key).compile()
+                self._store(key, program)
+                self.compiled_count += 1
+            with _BUILT_LOCK:
+                program = _BUILT.setdefault(digest, program)
+        with self.lock:
+            self.ready[key] = program
+        return program
+
+    def _load(self, key: Hashable) -> Callable | None:
+        """The deserialized executable of `key`, or None (no cache, no entry, or an unreadable one)."""
+        path = self._path(key)
+        if path is None or not os.path.isfile(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                payload, in_tree, out_tree = pickle.load(f)
+            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except Exception:  # a damaged or foreign entry is rebuilt, never fatal
+            return None
+
+    def _store(self, key: Hashable, compiled) -> None:
+        """Write key's executable to disk atomically (a failure only costs the next start a compile)."""
+        path = self._path(key)
+        if path is None:
+            return
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(serialize_executable.serialize(compiled), f)
+            os.replace(tmp, path)
+        except OSError:
+            pass

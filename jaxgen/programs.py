@@ -1,0 +1,124 @@
+"""The engine's device programs: pure jitted functions over the decode state, fixed shapes per bucket.
+
+`prefill_chunks` runs prompt chunks [B, C] into their slots' cache rows (several requests, or several
+chunks of one prompt, in one call); `start_choice` makes a prefilled slot live (first logits, sampling
+row, position, adapter); `decode_step` samples one token for the first `rows` slots from the logits each
+holds and runs the model on those tokens. Both model calls are the family's one `forward`, so a slot's
+first generated token and every later one take the same path.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxgen.models.family import Family
+from jaxgen.sampling import TOP_LOGPROBS, SlotState, clear_slot, init_state, sample, token_logprobs, write_slot
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the device programs read and write, one row per slot."""
+
+    cache: dict  # the family's KV cache, one row per slot (layout: the family's init_cache)
+    sampler: SlotState
+    logits: jax.Array  # f32[S, V]: the distribution each slot samples its next token from
+    positions: jax.Array  # i32[S]: where the next sampled token will be written
+    adapters: jax.Array  # i32[S]: LoRA adapter per row, 0 = none
+
+
+def init_decode_state(family: Family, cfg, num_slots: int, max_len: int, dtype) -> DecodeState:
+    """Empty slots: zero cache, idle (greedy) sampling rows, zero logits, every write aimed at the spare column."""
+    cache = family.init_cache(cfg, num_slots, max_len, dtype)
+    spare = jax.tree.leaves(cache)[0].shape[-1] - 1
+    return DecodeState(cache=cache, sampler=init_state(num_slots, cfg.vocab_size),
+                       logits=jnp.zeros((num_slots, cfg.vocab_size), jnp.float32),
+                       positions=jnp.full((num_slots,), spare, jnp.int32),
+                       adapters=jnp.zeros((num_slots,), jnp.int32))
+
+
+def spare_position(state: DecodeState) -> int:
+    """The cache's last column: written by padding and by finished rows, never attended."""
+    return jax.tree.leaves(state.cache)[0].shape[-1] - 1
+
+
+def pack_output(out) -> jax.Array:
+    """One f32[S, 2 + 2K] array (ids bitcast) so the host needs a single device-to-host copy per step."""
+    as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    return jnp.concatenate([as_f32(out.tokens)[:, None], out.logprobs[:, None],
+                            as_f32(out.top_ids), out.top_logprobs], axis=1)
+
+
+def head_rows(tree, rows: int):
+    """The first `rows` rows of every array in `tree`."""
+    return jax.tree.map(lambda x: x[:rows], tree)
+
+
+def put_head_rows(tree, head, rows: int):
+    """`tree` with its first `rows` rows replaced by `head` (in place when donated)."""
+    return jax.tree.map(lambda x, h: x.at[:rows].set(h), tree, head)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "rows"), donate_argnames=("state",))
+def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, family: Family, cfg, kv_len: int,
+                rows: int):
+    """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
+
+    `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
+    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`.
+    """
+    out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
+    adapters = None if lora is None else state.adapters[:rows]
+    positions = state.positions[:rows]
+    hidden, cache = family.forward(params, cfg, state.cache, out.tokens[:, None], positions[:, None], kv_len,
+                                   None, lora, adapters)
+    logits = family.lm_logits(params, cfg, hidden[:, 0])
+    last = spare_position(state)  # finished rows may step past their end: they write the spare column
+    new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
+                        logits=state.logits.at[:rows].set(logits),
+                        positions=state.positions.at[:rows].set(jnp.minimum(positions + 1, last)))
+    return new, pack_output(out)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "score"), donate_argnames=("state",))
+def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, targets, lora=None, adapters=None, *,
+                   family: Family, cfg, kv_len: int, score: bool):
+    """Run prompt chunks tokens [B, C] at positions [B, C] (padding at the spare position) into cache rows
+    `slots` [B]: -> (state', logits f32[B, V] at each row's token `last[B]`, scores).
+
+    With `score`, scores = the raw log-prob of `targets` [B, C] (each position's next prompt token) and the
+    top-20 there (f32[B, C], i32[B, C, K], f32[B, C, K]); otherwise None. With `lora`, row b runs with
+    adapter `adapters[b]`.
+    """
+    hidden, cache = family.forward(params, cfg, state.cache, tokens, positions, kv_len, slots, lora, adapters)
+    rows = jnp.arange(tokens.shape[0])
+    last_logits = family.lm_logits(params, cfg, hidden[rows, last])
+    scores = token_logprobs(family.lm_logits(params, cfg, hidden), targets, TOP_LOGPROBS) if score else None
+    return state.replace(cache=cache), last_logits, scores
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def start_choice(state: DecodeState, logits, index, slot, position, row, adapter) -> DecodeState:
+    """Make slot `slot` (traced: one program serves every slot) live: it samples next from `logits[index]`
+    (logits [B, V] of a prefill call), writes at `position`, with sampling row `row` and LoRA adapter index
+    `adapter` (0 = none)."""
+    return state.replace(sampler=write_slot(state.sampler, slot, row), logits=state.logits.at[slot].set(logits[index]),
+                         positions=state.positions.at[slot].set(position),
+                         adapters=state.adapters.at[slot].set(adapter))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def copy_slot(state: DecodeState, src, dst) -> DecodeState:
+    """Copy cache row `src` into row `dst` (whole rows: what lies past the prefix is overwritten before any
+    query reads it): prefix reuse from a busy slot, and the n choices of one prompt."""
+    return state.replace(cache=jax.tree.map(lambda c: c.at[dst].set(c[src]), state.cache))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release_slot(state: DecodeState, slot) -> DecodeState:
+    """Return a slot to idle: its sampling filters no longer run, and decode steps write its spare column, so
+    the prompt prefix it holds stays intact for reuse."""
+    return state.replace(sampler=clear_slot(state.sampler, slot),
+                         positions=state.positions.at[slot].set(spare_position(state)))

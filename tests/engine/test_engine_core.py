@@ -1,0 +1,400 @@
+"""The engine core on the tiny model: chunked prefill mixed with decode, prefix caching (bit-identical on and
+off), slots and prefixes accounted for after random traffic, per-request failures, close()."""
+from __future__ import annotations
+
+import gc
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import psutil
+import pytest
+
+import jaxgen
+from jaxgen import programs
+from jaxgen.engine import EngineConfig
+from jaxgen.errors import JaxgenError
+from jaxgen.events import Admitted, ChoiceUpdate, Done
+from jaxgen.sampling import SamplingParams
+
+CORE = EngineConfig(num_slots=8, max_len=512, max_queue=512, seed=0, chunk=16, prefill_budget=64)
+SYSTEM = list(range(3, 3 + 70))  # a shared "system prompt": four whole chunks and some
+
+
+def tiny_engine_llm(tiny_llm, **changes):
+    """A fresh LLM over the tiny model's weights with the CORE engine (changed by `changes`)."""
+    import dataclasses
+    config = dataclasses.replace(CORE, **changes)
+    return jaxgen.LLM(tiny_llm.cfg, tiny_llm.params, tiny_llm.tokenizer, model_id="tiny", engine_config=config)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_llm):
+    llm = tiny_engine_llm(tiny_llm)
+    llm.engine.warmup()
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_llm):
+    llm = tiny_engine_llm(tiny_llm, prefix_cache=False)
+    llm.engine.warmup()
+    yield llm
+    llm.close()
+
+
+def record(handle):
+    """Every event of one request as plain comparable values (floats kept bit for bit): the prompt scores,
+    each choice's updates in order, and the usage (choices interleave in any order, so they are kept apart)."""
+    out = {"choices": {}}
+    for event in handle:
+        if isinstance(event, Admitted):
+            out["admitted"] = (event.prompt_tokens, None if event.prompt_scores is None else
+                               [(t.token_id, t.logprob, t.top) for t in event.prompt_scores])
+        elif isinstance(event, ChoiceUpdate):
+            out["choices"].setdefault(event.index, []).append(
+                (event.text, [(t.token_id, t.logprob, t.top) for t in event.tokens], event.finish_reason))
+        elif isinstance(event, Done):
+            out["done"] = (event.prompt_tokens, event.completion_tokens)
+        else:
+            raise event
+    return out
+
+
+def split_floats(value, floats):
+    """`value` with every float replaced by a marker, the floats appended to `floats` in order."""
+    if isinstance(value, float):
+        floats.append(value)
+        return "<float>"
+    if isinstance(value, dict):
+        return {k: split_floats(v, floats) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [split_floats(v, floats) for v in value]
+    return value
+
+
+def assert_same(a, b, atol: float = 1e-5):
+    """Records equal in every token, text and finish reason, and in every log-prob to `atol`.
+
+    Bit for bit is not promised: XLA CPU picks its dot kernels by shape, and the tiny model's prompt chunks
+    run in calls of different sizes with the cache on and off (see docs/architecture.md, prefix caching)."""
+    fa, fb = [], []
+    assert split_floats(a, fa) == split_floats(b, fb)
+    assert np.allclose(fa, fb, rtol=0, atol=atol), np.abs(np.subtract(fa, fb)).max()
+
+
+def workload(seed: int, count: int):
+    """Requests sharing prefixes (the system prompt, a few-shot block), with greedy, seeded, n > 1, logprobs
+    and scoring mixed."""
+    rng = random.Random(seed)
+    few_shot = SYSTEM + list(range(200, 240))
+    out = []
+    for i in range(count):
+        base = rng.choice([SYSTEM, few_shot, []])
+        ids = base + [rng.randrange(3, 380) for _ in range(rng.randrange(1, 40))]
+        kind = i % 4
+        params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 12), ignore_eos=True),
+                  SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=8, ignore_eos=True, logprobs=True,
+                                 top_logprobs=2),
+                  SamplingParams(temperature=0.8, seed=i, n=2, max_tokens=6, ignore_eos=True),
+                  SamplingParams(max_tokens=0, loglikelihood=True, logprobs=True, top_logprobs=3)][kind]
+        out.append((ids, params))
+    return out
+
+
+def test_prefix_cache_changes_no_bit_one_request_at_a_time(cached, uncached):
+    """Greedy, seeded, n = 2, logprobs and prompt scores are the same with the cache on and off, and the cache
+    did serve most of the shared prefixes."""
+    hits_before = cached.engine.stats()["prefix_cache_hit_tokens_total"]
+    for ids, params in workload(seed=1, count=24):
+        assert_same(record(cached.engine.submit(ids, params)), record(uncached.engine.submit(ids, params)))
+    hits = cached.engine.stats()["prefix_cache_hit_tokens_total"] - hits_before
+    assert hits >= 10 * 64  # most requests reuse whole chunks of the shared prefixes
+    assert uncached.engine.stats()["prefix_cache_hit_tokens_total"] == 0
+
+
+def test_prefix_cache_changes_no_bit_under_concurrency(cached, uncached):
+    """The same mixed workload, submitted at once with cancellations: the survivors' prompt scores and tokens
+    match with the cache on and off."""
+    requests = workload(seed=2, count=16)
+
+    def run(llm):
+        handles = [llm.engine.submit(ids, p) for ids, p in requests]
+        handles[5].cancel()
+        return [None if i == 5 else record(h) for i, h in enumerate(handles)]
+
+    on, off = run(cached), run(uncached)
+    for i, (a, b) in enumerate(zip(on, off)):
+        if a is not None:
+            assert_same(a, b)
+
+
+def test_scoring_continuations_prefill_their_context_once(cached):
+    """lm-eval style: one context, four continuations submitted together: the context is run once."""
+    context = list(range(100, 100 + 96))  # six chunks
+    before = cached.engine.stats()["prefill_tokens_total"]
+    handles = [cached.engine.submit(context + [300 + k, 301 + k], SamplingParams(max_tokens=0, loglikelihood=True))
+               for k in range(4)]
+    scores = [record(h)["admitted"][1] for h in handles]
+    ran = cached.engine.stats()["prefill_tokens_total"] - before
+    assert ran == 96 + 4 * 2  # the context once, then each continuation's own tokens
+    for s in scores[1:]:
+        assert_same(s[:95], scores[0][:95])
+
+
+def test_long_arrival_delays_a_running_stream_by_one_call_at_a_time(cached):
+    """A 200-token prompt arriving while a stream decodes is run in calls of `prefill_budget` tokens, with a
+    decode step of the running stream between every two."""
+    running = cached.engine.submit([7, 8, 9], SamplingParams(max_tokens=200, ignore_eos=True))
+    events, seen = [], threading.Event()
+
+    def consume():
+        for event in running:
+            if isinstance(event, ChoiceUpdate):
+                events.append("token")
+                seen.set()
+    threading.Thread(target=consume, daemon=True).start()
+    seen.wait(30)
+    long = cached.engine.submit([random.Random(5).randrange(3, 380) for _ in range(200)], SamplingParams(max_tokens=1))
+    for event in long:
+        if isinstance(event, Admitted):
+            events.append("admitted")
+    running.cancel()
+    start = events.index("token")
+    tokens_before_admitted = events[start:events.index("admitted")].count("token")
+    assert tokens_before_admitted >= 200 // 64 - 1  # 4 calls of up to 64 tokens, a decode step between each two
+
+
+def test_random_traffic_leaves_every_slot_free_or_cached(cached):
+    """300 random requests (arrivals, cancellations, n > 1, scoring): at the end no slot is held, nothing waits,
+    and every idle slot writes only the spare column."""
+    rng = random.Random(3)
+    handles = []
+    for i in range(300):
+        ids = rng.choice([SYSTEM, []]) + [rng.randrange(3, 380) for _ in range(rng.randrange(1, 30))]
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=i, n=rng.choice([1, 1, 2]),
+                                max_tokens=rng.choice([0, 1, 5]) if i % 3 == 0 else rng.choice([1, 5]), ignore_eos=True,
+                                loglikelihood=i % 3 == 0)
+        handles.append(cached.engine.submit(ids, params))
+        if rng.random() < 0.2:
+            handles[rng.randrange(len(handles))].cancel()
+    for h in handles:
+        if not h.cancelled.is_set():  # a cancelled request hears nothing more
+            for event in h:
+                assert not isinstance(event, JaxgenError), event
+    engine = cached.engine
+    for _ in range(200):  # cancellations are applied by the engine thread's next turn
+        if not engine.waiting and not engine.prefills and not any(engine.choices):
+            break
+        threading.Event().wait(0.05)
+    assert not engine.waiting and not engine.prefills and not any(engine.choices)
+    assert (np.asarray(engine.state.positions) == engine.spare).all()
+
+
+def test_prefix_memory_is_the_slot_cache(tiny_llm):
+    """1,000 requests with distinct prefixes: the device holds the same arrays before and after (the prefix
+    cache lives in the slots), and the host index holds one prefix per slot."""
+    llm = tiny_engine_llm(tiny_llm)
+    engine = llm.engine
+    shapes = [(x.shape, x.dtype) for x in jax_leaves(engine.state)]
+    rng = random.Random(4)
+    for wave in range(5):
+        handles = [engine.submit([i % 300 + 3] + [rng.randrange(3, 380) for _ in range(20)],
+                                 SamplingParams(max_tokens=1)) for i in range(200)]
+        for h in handles:
+            record(h)
+    assert [(x.shape, x.dtype) for x in jax_leaves(engine.state)] == shapes
+    assert len(engine.prefix.slots) == CORE.num_slots
+    llm.close()
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+# ---- failures stay with their request
+
+def clean_run(llm, requests):
+    handles = [llm.engine.submit(ids, p) for ids, p in requests]
+    return [record(h) for h in handles]
+
+
+FAULT_REQUESTS = [([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)),
+                  ([9, 9, 9, 9], SamplingParams(temperature=0.9, seed=4, max_tokens=12, ignore_eos=True)),
+                  ([11, 12], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=True,
+                                            top_logprobs=2))]
+FAULTY = [40, 41, 42, 43]
+
+
+def run_with_fault(llm, timeout=60):
+    """Submit FAULT_REQUESTS and the faulty request together; -> (the others' records, the faulty one's events)."""
+    handles = [llm.engine.submit(ids, p) for ids, p in FAULT_REQUESTS]
+    faulty = llm.engine.submit(FAULTY, SamplingParams(max_tokens=10, ignore_eos=True))
+    results = [None] * (len(handles) + 1)
+
+    def consume(i, h):
+        try:
+            results[i] = record(h)
+        except JaxgenError as e:
+            results[i] = e
+    threads = [threading.Thread(target=consume, args=(i, h), daemon=True) for i, h in enumerate(handles + [faulty])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a client was left waiting"
+    return results[:-1], results[-1]
+
+
+@pytest.mark.parametrize("where", ["advance", "start"])
+def test_a_host_fault_fails_only_its_request(cached, monkeypatch, where):
+    """A host-side exception while advancing (detokenizer, grammar) or starting one request fails that request
+    alone; the others' outputs are byte-identical to a clean run."""
+    clean = clean_run(cached, FAULT_REQUESTS)
+    engine = cached.engine
+    if where == "advance":
+        real = engine._advance
+
+        def advance(choice, info):
+            if choice.request.prompt_ids == FAULTY:
+                raise RuntimeError("injected detokenizer fault")
+            return real(choice, info)
+        monkeypatch.setattr(engine, "_advance", advance)
+    else:
+        import jaxgen.engine as engine_module
+        real_row = engine_module.make_row
+
+        def make_row(params, ids, key, vocab):
+            if list(ids) == FAULTY:
+                raise RuntimeError("injected fault while starting")
+            return real_row(params, ids, key, vocab)
+        monkeypatch.setattr(engine_module, "make_row", make_row)
+    others, faulty = run_with_fault(cached)
+    assert others == clean
+    assert isinstance(faulty, JaxgenError) and "injected" in str(faulty)
+
+
+def test_a_device_fault_resets_and_tells_everyone(cached, monkeypatch):
+    """An exception from a device program leaves the state unknown: every running request and the one being
+    started hear of it (nobody hangs), and the engine serves the next requests as before."""
+    clean = clean_run(cached, FAULT_REQUESTS)
+    real = programs.start_choice
+    calls = {"n": 0}
+
+    def start_choice(state, logits, index, slot, position, row, adapter):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the faulty request's start, after the three others started
+            raise RuntimeError("injected device fault")
+        return real(state, logits, index, slot, position, row, adapter)
+    monkeypatch.setattr(programs, "start_choice", start_choice)
+    others, faulty = run_with_fault(cached)
+    assert isinstance(faulty, JaxgenError)
+    assert all(isinstance(o, JaxgenError) or o == c for o, c in zip(others, clean))
+    monkeypatch.setattr(programs, "start_choice", real)
+    assert clean_run(cached, FAULT_REQUESTS) == clean
+
+
+# ---- close
+
+def test_close_frees_the_engine_and_memory_stays_flat(tiny_llm):
+    """Loading and closing an engine five times: the thread ends, later submits are refused, RSS stays flat."""
+    rss = []
+    for _ in range(5):
+        with tiny_engine_llm(tiny_llm) as llm:
+            record(llm.engine.submit([5, 6, 7], SamplingParams(max_tokens=4)))
+            engine = llm.engine
+        assert not engine.thread.is_alive() and engine.state is None
+        with pytest.raises(JaxgenError):
+            engine.submit([5], SamplingParams(max_tokens=1))
+        gc.collect()
+        rss.append(psutil.Process().memory_info().rss)
+    assert rss[-1] - rss[1] < 64 * 2**20, [r // 2**20 for r in rss]
+
+
+def test_a_script_ends_quietly_without_close(make_tiny_hf_model, tmp_path):
+    """load, two chats and a completion, end of file: the process exits 0 with nothing on stderr from JAX."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import jaxgen
+        llm = jaxgen.load({str(make_tiny_hf_model("llama"))!r})
+        llm.chat([{{"role": "user", "content": "hi"}}], max_tokens=5)
+        llm.chat([{{"role": "user", "content": "again"}}], max_tokens=5)
+        print(llm.complete("abc", max_tokens=3)["choices"][0]["text"] is not None)
+    """))
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr and "FATAL" not in proc.stderr
+        assert proc.stdout.strip().endswith("True")
+
+
+# ---- compiled programs
+
+def test_background_warmup_serves_at_once_and_then_never_compiles(tiny_llm, compile_counter):
+    """`warmup_in_background` returns once the covering programs are ready: requests are served (by larger
+    programs) while the rest compile, with the same tokens; once done, a mixed workload traces nothing."""
+    with tiny_engine_llm(tiny_llm) as reference, tiny_engine_llm(tiny_llm) as llm:
+        reference.engine.warmup()
+        expected = [record(reference.engine.submit(ids, p)) for ids, p in workload(seed=6, count=8)]
+        engine = llm.engine
+        engine.warmup_in_background()
+        assert engine.stats()["compiled_programs"] >= 3
+        served = [record(engine.submit(ids, p)) for ids, p in workload(seed=6, count=8)]
+        for a, b in zip(served, expected):
+            assert_same(a, b)
+        engine.programs.wait()
+        stats = engine.stats()
+        assert stats["warming"] == 0 and stats["compiled_programs"] == stats["programs"]
+        before = compile_counter.count
+        for ids, p in workload(seed=7, count=12):
+            record(engine.submit(ids, p))
+        assert compile_counter.count == before
+
+
+LOAD_SCRIPT = """
+import json, sys
+import jax.numpy as jnp
+import jaxgen
+from jaxgen.engine import EngineConfig
+from jaxgen.sampling import SamplingParams
+config = EngineConfig(**json.loads(sys.argv[2]))
+with jaxgen.load(sys.argv[1], dtype=jnp.float32, engine_config=config) as llm:
+    llm.engine.warmup()
+    programs = llm.engine.programs
+    out = [[t.token_id for e in llm.engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=6))
+            if hasattr(e, "tokens") for t in e.tokens] for ids in ([5, 6, 7], list(range(3, 90)))]
+    print(json.dumps({"compiled": programs.compiled_count, "loaded": programs.loaded_count, "out": out}))
+"""
+
+
+def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
+    """A fresh process with the same executable cache loads every program instead of compiling it
+    (bench/startup.py measures the start-up that saves) and gives the same tokens; a damaged entry is
+    rebuilt, not fatal."""
+    import dataclasses
+    import json
+    config = {**{k: v for k, v in dataclasses.asdict(CORE).items() if k != "executable_cache"},
+              "executable_cache": str(tmp_path / "executables")}
+
+    def start():
+        proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(make_tiny_hf_model("llama")), json.dumps(config)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = start()
+    assert first["compiled"] > 0 and first["loaded"] == 0
+    entries = sorted(os.listdir(config["executable_cache"]))
+    assert len(entries) == first["compiled"]
+    with open(os.path.join(config["executable_cache"], entries[0]), "wb") as f:
+        f.write(b"not an executable")
+    second = start()
+    assert (second["compiled"], second["loaded"]) == (1, first["compiled"] - 1)
+    assert second["out"] == first["out"]
