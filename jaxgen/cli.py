@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-slots", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--max-len", type=int, default=2048, help="context length per slot (prompt + output)")
     serve.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429")
     serve.add_argument("--api-key", default=os.environ.get("JAXGEN_API_KEY"),
@@ -53,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cache_root() -> str:
+    """Where compiled programs are kept between starts: $JAXGEN_CACHE_DIR, else ~/.cache/jaxgen."""
+    return os.environ.get("JAXGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxgen")
+
+
 def enable_compile_cache() -> None:
     """Keep compiled programs on disk (JAX's persistent cache), so a second start skips most compiling."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "jaxgen", "jax"))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -89,15 +94,16 @@ def run_serve(args) -> int:
 
     enable_compile_cache()
     config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
+                          executable_cache=os.path.join(cache_root(), "executables"),
                           strict_schemas=not args.allow_additional_properties)
     llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log,
                       adapters=dict(args.lora))
     if not args.no_warmup:
-        print("compiling every prompt and batch shape once (warm-up; cached on disk for the next start)...",
-              flush=True)
+        print("compiling the programs that serve every shape (cached on disk for the next start)...", flush=True)
         start = time.perf_counter()
-        llm.engine.warmup()
-        print(f"warm-up done in {time.perf_counter() - start:.0f} s", flush=True)
+        llm.engine.warmup_in_background()
+        print(f"ready to serve in {time.perf_counter() - start:.0f} s; the remaining shapes compile in the "
+              "background (GET /health says \"warming\" until they are done)", flush=True)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key)
     return 0
 

@@ -548,9 +548,10 @@ class ModelList(_Body):
 
 
 class Health(_Body):
-    """`GET /health`."""
+    """`GET /health`: "ok", or "warming" while programs still compile in the background (requests are
+    served meanwhile, by larger programs)."""
 
-    status: Literal["ok"]
+    status: Literal["ok", "warming"]
 
 
 REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest)
@@ -668,7 +669,7 @@ def create_app(llm, *, api_key: str | None = None, max_body_bytes: int = 4 * MiB
 
     @app.get("/health", **_json_doc(Health, "The server is up"))
     async def health() -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "warming" if llm.engine_stats().get("warming") else "ok"})
 
     @app.get("/metrics", responses={200: {"description": "Prometheus text exposition (OpenMetrics if accepted)",
                                           "content": {"text/plain": {"schema": {"type": "string"}}}}})
