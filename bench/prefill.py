@@ -20,6 +20,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jaxgen  # noqa: E402
+from jaxgen.cli import cache_root
 from jaxgen.engine import EngineConfig  # noqa: E402
 from jaxgen.events import Admitted, ChoiceUpdate  # noqa: E402
 from jaxgen.sampling import SamplingParams  # noqa: E402
@@ -93,7 +94,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     print(machine())
-    llm = jaxgen.load(engine_config=EngineConfig(num_slots=32, max_len=2048))
+    llm = jaxgen.load(engine_config=EngineConfig(num_slots=32, max_len=2048,
+                                                 executable_cache=os.path.join(cache_root(), "executables")))
     t0 = time.perf_counter()
     llm.engine.warmup()
     print(f"warm-up (compile) {time.perf_counter() - t0:.1f} s")

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 
 import jaxgen
+from jaxgen.cli import cache_root
 from jaxgen.engine import EngineConfig
 from jaxgen.events import ChoiceUpdate
 from jaxgen.sampling import SamplingParams
@@ -114,7 +115,8 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     print(machine())
-    llm = jaxgen.load(engine_config=EngineConfig(num_slots=max(max(levels), 16), max_len=2048))
+    llm = jaxgen.load(engine_config=EngineConfig(num_slots=max(max(levels), 16), max_len=2048,
+                                                 executable_cache=os.path.join(cache_root(), "executables")))
     t0 = time.perf_counter()
     llm.engine.warmup()
     print(f"warm-up (compile) {time.perf_counter() - t0:.1f} s, {len(llm.engine.program_keys())} programs")

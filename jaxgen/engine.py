@@ -8,9 +8,9 @@ step's tokens. Dispatch is asynchronous, so step t+1 is queued before step t is 
 strings and event delivery overlap the device's work); with a grammar-constrained choice running, the
 next mask needs the token just sampled, so the loop reads each step back before dispatching the next.
 
-Prompts are cut into chunks at fixed positions (multiples of `chunk`): a long arrival delays running
-streams by at most one call of `prefill_budget` tokens, and a prompt's K/V never depends on what else was
-batched with it or on the prefix cache. Programs are compiled ahead of time by shape (`compiled.py`).
+Prompts are cut into chunks at fixed positions (multiples of `chunk`), so a prompt's K/V never depends on
+what else was batched with it or on the prefix cache. While streams decode, each turn's prefill is capped
+(`TurnClock`) so a long arrival stretches their inter-token gap by at most `decode_slowdown`. Programs are compiled ahead of time by shape (`compiled.py`).
 
 Failures stay with their request where the device state is intact (a host-side error while starting or
 advancing one request fails that request alone); an error from a device program, after which the state
@@ -26,6 +26,7 @@ import functools
 import itertools
 import json
 import threading
+import time
 import weakref
 from typing import Any, Sequence
 
@@ -94,6 +95,46 @@ class Choice:
     finished: bool = False
 
 
+class TurnClock:
+    """Learns from the engine's own turns what a decode step and a prompt token cost, so that while streams are
+    decoding each turn's prefill is capped to keep their inter-token gap within `slowdown` times a decode-only
+    turn (a 2,000-token arrival is spread over several turns instead of stalling every stream).
+
+    A turn's duration is measured between two consecutive read-backs of decode steps: the device ran that
+    turn's prefill call and its decode step in between. Estimates are exponential moving averages."""
+
+    def __init__(self, slowdown: float, smoothing: float = 0.3, now=time.perf_counter):
+        self.slowdown, self.smoothing, self.now = slowdown, smoothing, now
+        self.decode_s: float | None = None  # a decode-only turn
+        self.token_s: float | None = None  # one prompt token of prefill
+        self.last: float | None = None
+
+    def turn_read(self, prefill_tokens: int) -> None:
+        """A decode step was read back; `prefill_tokens` ran in the same turn, just before it."""
+        now = self.now()
+        if self.last is not None:
+            elapsed = now - self.last
+            if prefill_tokens == 0:
+                self.decode_s = self._mix(self.decode_s, elapsed)
+            elif self.decode_s is not None:
+                self.token_s = self._mix(self.token_s, max(elapsed - self.decode_s, 0.0) / prefill_tokens)
+        self.last = now
+
+    def idle(self) -> None:
+        """No decode step is in flight: the next interval would include waiting, not work."""
+        self.last = None
+
+    def budget(self, most: int) -> int:
+        """Prompt tokens a turn may prefill while streams decode (at most `most`)."""
+        if self.decode_s is None or not self.token_s:
+            return most
+        return int(min(most, (self.slowdown - 1.0) * self.decode_s / self.token_s))
+
+    def _mix(self, old: float | None, new: float) -> float:
+        """The moving average of `old` updated with `new`."""
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+
 class DeviceFailure(Exception):
     """A device program failed: the decode state can no longer be trusted."""
 
@@ -107,7 +148,8 @@ class EngineConfig:
     max_len: int = 2048
     max_queue: int = 256
     seed: int = 0
-    prefill_budget: int = 512  # prompt tokens run between two decode steps (whole chunks, at least one)
+    prefill_budget: int = 512  # prompt tokens one prefill call may run (whole chunks, at least one)
+    decode_slowdown: float = 3.0  # while streams decode, a turn's prefill may stretch their token gap this much
     strict_schemas: bool = True  # JSON schemas refuse undeclared keys (grammar.strict_schema)
     chunk: int = 64  # prompt chunk length: prefill rows and prefix reuse are whole chunks
     prefix_cache: bool = True  # reuse prompt prefixes that slots already hold
@@ -154,6 +196,7 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.request_ids = itertools.count(1)
         self.counters = collections.Counter()
+        self.clock = TurnClock(config.decode_slowdown)
         self.programs = ProgramTable(self._lower, self._identity(), config.executable_cache)
         self.compile_error: BaseException | None = None
         self.wake = threading.Condition()
@@ -271,10 +314,16 @@ class Engine:
 
     def program_keys(self) -> list[tuple]:
         """Every program shape: ("decode", rows, kv_len) and ("prefill", chunks, kv_len, score)."""
-        kv = self.kv_buckets()
-        decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in kv]
-        prefill = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in kv for score in (False, True)]
+        decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in self.kv_buckets()]
+        prefill = [("prefill", b, k, score) for score in (False, True) for b in self.prefill_row_buckets()
+                   for k in self.prefill_windows(score)]
         return decode + prefill
+
+    def prefill_windows(self, score: bool) -> list[int]:
+        """Attention windows of the prefill programs: every bucket, or for scoring (rarer, and dominated by
+        the LM head over every position) the smallest from 512 up and the largest."""
+        kv = self.kv_buckets()
+        return kv if not score else sorted({next((k for k in kv if k >= 512), kv[-1]), kv[-1]})
 
     def prefill_row_buckets(self) -> list[int]:
         """Chunks per prefill call, up to what the budget allows."""
@@ -356,23 +405,26 @@ class Engine:
             try:
                 self._drop_cancelled()
                 self._admit()
-                self._prefill()
+                prefilled = self._prefill()
                 if not any(self.choices):
                     if in_flight is not None:
-                        self._process(*in_flight)
+                        self._process(*in_flight[:2])
                         in_flight = None
+                    self.clock.idle()
                     if not self.prefills:
                         with self.wake:
                             if not self.waiting and not self.closed.is_set():
                                 self.wake.wait()
                     continue
                 if in_flight is not None and self._constrained():  # masks need step t's tokens first
-                    self._process(*in_flight)
+                    self._process(*in_flight[:2])
+                    self.clock.turn_read(in_flight[2])
                     in_flight = None
                     continue
-                next_flight = self._dispatch()
+                next_flight = (*self._dispatch(), prefilled)
                 if in_flight is not None:
-                    self._process(*in_flight)
+                    self._process(*in_flight[:2])
+                    self.clock.turn_read(in_flight[2])
                 in_flight = next_flight
             except DeviceFailure as e:
                 in_flight = None
@@ -461,15 +513,18 @@ class Engine:
         return any(p.slot == slot for p in self.prefills)
 
     def _start(self, request: Request, ids: np.ndarray, free: list[int], match: Match) -> None:
-        """Give `request` its slots, reuse `match` (in place, or copied from a busy slot) and queue its prefill."""
-        if match.length and match.source in free:
-            slot = match.source
-        else:
-            slot = self.prefix.victim(free)
-            if match.length:
-                self.state = self._device(programs.copy_slot, self.state, jnp.int32(match.source), jnp.int32(slot))
-        rest = [s for s in free if s != slot]
-        others = sorted(rest, key=lambda s: self.prefix.slots[s].last_used)[:request.params.n - 1]
+        """Give `request` the lowest free slots, reuse `match` (in place, or copied in) and queue its prefill.
+
+        Placement never depends on the prefix cache (the lowest free slot, as with the cache off), so a request
+        decodes in the same batch rows, and rounds the same, either way; a lone stream decodes as one row.
+        Eviction is still least recently used: a more recent prefix in the slot being taken moves first into
+        the free slot holding the least recently used one."""
+        slot = min(free)
+        if self.prefix.enabled and not (match.length and match.source == slot):
+            self._keep_recent_prefix(slot, [s for s in free if s not in (slot, match.source)])
+        if match.length and match.source != slot:
+            self.state = self._device(programs.copy_slot, self.state, jnp.int32(match.source), jnp.int32(slot))
+        others = sorted(s for s in free if s != slot)[:request.params.n - 1]
         choice_slots = [slot, *others] if request.params.max_tokens > 0 else []
         request.slots = [slot, *others] if choice_slots else [slot]
         reused_scores = None
@@ -479,17 +534,30 @@ class Engine:
         self.counters["prompt_tokens"] += len(ids)
         self.prefills.append(Prefill(request, ids, slot, choice_slots, match.length, reused_scores=reused_scores))
 
-    def _prefill(self) -> None:
-        """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget."""
+    def _keep_recent_prefix(self, slot: int, spare: list[int]) -> None:
+        """Before `slot` is overwritten, move its prefix into the least recently used of the free `spare` slots
+        when that one's is older (so the prefix evicted is always the least recently used)."""
+        if not spare or not self.prefix.slots[slot].valid:
+            return
+        oldest = self.prefix.victim(spare)
+        if self.prefix.slots[oldest].last_used < self.prefix.slots[slot].last_used:
+            self.state = self._device(programs.copy_slot, self.state, jnp.int32(slot), jnp.int32(oldest))
+            self.prefix.move(slot, oldest)
+
+    def _prefill(self) -> int:
+        """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget (less
+        while streams decode: `TurnClock`); -> the prompt tokens it runs."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
+        if any(self.choices):
+            most = max(1, min(most, self.clock.budget(most * self.config.chunk) // self.config.chunk))
         for p in self.prefills:
             while p.next < len(p.ids) and len(rows) < most:
                 count = min(self.config.chunk - p.next % self.config.chunk, len(p.ids) - p.next)
                 rows.append((p, p.next, count))
                 p.next += count
         if not rows:
-            return
+            return 0
         last_logits, scores = self._run_chunks(rows)
         for b, (p, start, count) in enumerate(rows):
             if p.request.params.loglikelihood:
@@ -508,6 +576,7 @@ class Engine:
                 self._fail_request(p.request, e)
             except Exception as e:
                 self._fail_request(p.request, JaxgenError(f"internal error starting the request: {e!r}"))
+        return sum(count for _, _, count in rows)
 
     def _run_chunks(self, rows):
         """One `prefill_chunks` call over `rows` [(prefill, start, count)], padded to a bucket."""
@@ -525,10 +594,11 @@ class Engine:
             nxt = p.ids[start + 1:start + count + 1]
             targets[b, :len(nxt)] = nxt
             slots[b], last[b], adapters[b] = p.slot, count - 1, p.request.adapter
-        kv_len = bucket_for(max(max(int(positions[b, :c].max()) for b, (_, _, c) in enumerate(rows)) + 1,
-                                self.kv_buckets()[0]), self.config.max_len)
         score = any(p.request.params.loglikelihood for p, _, _ in rows)
-        fallbacks = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in self.kv_buckets()
+        needed = max(int(positions[b, :c].max()) for b, (_, _, c) in enumerate(rows)) + 1
+        windows = self.prefill_windows(score)
+        kv_len = next(k for k in windows if k >= needed)
+        fallbacks = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in windows
                      if b >= batch and k >= kv_len and (b, k) != (batch, kv_len)]
         (_, batch, _, _), program = self._program(("prefill", batch, kv_len, score), fallbacks)
         tokens, positions, targets, slots, last, adapters = (

@@ -2,10 +2,11 @@
 
 A slot's cache row keeps the K/V of the prompt it last prefilled after its request ends, until the slot is
 given to another request. A new request starts from the longest prefix any slot holds (busy or free, same
-LoRA adapter): in place when that slot is free, else copied into a free one. Only prompt positions computed
+LoRA adapter): in place when that slot is the one it is given, else copied into it. Only prompt positions computed
 by the chunked prefill, at whole-chunk boundaries, are reused, so a prompt's K/V, logits and scores are the
 same bits whether it was served from the cache or not. Memory is the slot cache itself: nothing else is kept
-on the device, and a free slot's prefix is evicted least recently used first when the slot is reused.
+on the device, and the prefix evicted is the least recently used one (the engine moves a newer one out of a
+slot it reuses).
 """
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ class PrefixIndex:
         if scores is not None:
             held.scores = scores if held.scores is None else tuple(
                 np.concatenate([a, b]) for a, b in zip(held.scores, scores))
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot `dst` now holds what `src` held (its cache row was copied); `src` is about to be reused."""
+        self.slots[dst] = dataclasses.replace(self.slots[src])
 
     def forget(self, slot: int) -> None:
         """Drop what slot `slot` holds (its contents are no longer known: a failure, or scores left unread)."""

@@ -17,6 +17,8 @@ from flax import struct
 from jaxgen.models.family import Family
 from jaxgen.sampling import TOP_LOGPROBS, SlotState, clear_slot, init_state, sample, token_logprobs, write_slot
 
+LOGIT_ROWS = 8  # the fewest rows the LM head of a prefill call runs (one rounding class for every call size)
+
 
 @struct.dataclass
 class DecodeState:
@@ -93,8 +95,12 @@ def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, t
     adapter `adapters[b]`.
     """
     hidden, cache = family.forward(params, cfg, state.cache, tokens, positions, kv_len, slots, lora, adapters)
-    rows = jnp.arange(tokens.shape[0])
-    last_logits = family.lm_logits(params, cfg, hidden[rows, last])
+    batch = tokens.shape[0]
+    last_hidden = hidden[jnp.arange(batch), last]
+    # At least LOGIT_ROWS rows through the LM head, so a prompt's first logits round the same whatever the call
+    # size (XLA CPU's dot rounds differently for fewer rows).
+    padded = jnp.pad(last_hidden, ((0, max(0, LOGIT_ROWS - batch)), (0, 0)))
+    last_logits = family.lm_logits(params, cfg, padded)[:batch]
     scores = token_logprobs(family.lm_logits(params, cfg, hidden), targets, TOP_LOGPROBS) if score else None
     return state.replace(cache=cache), last_logits, scores
 

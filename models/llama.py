@@ -64,11 +64,16 @@ def attend(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: 
     mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
     if cfg.sliding_window is not None:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - cfg.sliding_window
-    q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, dh)
-    scores = jnp.einsum("btkgd,bkdl->bkgtl", q, k_t, preferred_element_type=jnp.float32) / np.sqrt(dh)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED)
+    kvh, groups, window = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k_t.shape[-1]
+    # Query rows (token, group) side by side per KV head, so both matmuls read the cache window in place (a
+    # separate token axis made XLA CPU copy the window: 2.9x slower at 32 rows x 2048).
+    q = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * groups, dh)
+    scores = jnp.einsum("bkqd,bkdl->bkql", q, k_t, preferred_element_type=jnp.float32) / np.sqrt(dh)
+    rows_mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, t, groups, window)).reshape(b, 1, t * groups, window)
+    scores = jnp.where(rows_mask, scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgtl,bkld->btkgd", probs, v).reshape(b, t, cfg.num_heads * dh)
+    out = jnp.einsum("bkql,bkld->bkqd", probs, v).reshape(b, kvh, t, groups, dh)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * dh)
 
 
 def with_lora(y: jax.Array, x: jax.Array, lora_layer, group: str, adapters) -> jax.Array:
@@ -115,8 +120,10 @@ def write_kv(cache_k: jax.Array, cache_v: jax.Array, rows: jax.Array, positions:
              v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scatter k, v [B, T, KVH, Dh] into cache rows `rows` [B] at `positions` [B, T] (layout in the module
     docstring); padding tokens carry the spare position, which is written but never attended."""
-    cache_k = cache_k.at[rows[:, None], :, :, positions].set(k.astype(cache_k.dtype))
-    cache_v = cache_v.at[rows[:, None], :, positions].set(v.astype(cache_v.dtype))
+    b, t = positions.shape
+    flat_rows, flat_pos = jnp.repeat(rows, t), positions.reshape(b * t)  # 1-D indices: XLA updates in place
+    cache_k = cache_k.at[flat_rows, :, :, flat_pos].set(k.reshape(b * t, *k.shape[2:]).astype(cache_k.dtype))
+    cache_v = cache_v.at[flat_rows, :, flat_pos].set(v.reshape(b * t, *v.shape[2:]).astype(cache_v.dtype))
     return cache_k, cache_v
 
 
