@@ -9,8 +9,8 @@ strings and event delivery overlap the device's work); with a grammar-constraine
 next mask needs the token just sampled, so the loop reads each step back before dispatching the next.
 
 Prompts are cut into chunks at fixed positions (multiples of `chunk`), so a prompt's K/V never depends on
-what else was batched with it or on the prefix cache. While streams decode, each turn's prefill is capped
-(`TurnClock`) so a long arrival stretches their inter-token gap by at most `decode_slowdown`. Programs are compiled ahead of time by shape (`compiled.py`).
+what else was batched with it or on the prefix cache. While streams decode, long prompts' share of each turn is
+capped (`TurnClock`) so a long arrival stretches their inter-token gap by at most `decode_slowdown`. Programs are compiled ahead of time by shape (`compiled.py`).
 
 Failures stay with their request where the device state is intact (a host-side error while starting or
 advancing one request fails that request alone); an error from a device program, after which the state
@@ -49,6 +49,7 @@ from .stops import StopStringMatcher
 
 MIN_KV_BUCKET = 128
 PREFILL_ROW_BUCKETS = (1, 2, 4, 8)  # prompt chunks per prefill call (padded up to one of these)
+SHORT_PROMPT_CHUNKS = 2  # prompts with at most this many chunks left are not held back for running streams
 MIN_DECODE_ROWS_GEMM = 8  # decode batches of 2..8 rows run as 8 (one rounding class; see row_buckets)
 
 
@@ -545,14 +546,17 @@ class Engine:
             self.prefix.move(slot, oldest)
 
     def _prefill(self) -> int:
-        """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget (less
-        while streams decode: `TurnClock`); -> the prompt tokens it runs."""
+        """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget; -> the
+        prompt tokens it runs. While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks left)
+        share only what `TurnClock` allows, so they cannot stall the streams; short ones still start at once."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
+        long_rows = most
         if any(self.choices):
-            most = max(1, min(most, self.clock.budget(most * self.config.chunk) // self.config.chunk))
+            long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk) // self.config.chunk))
         for p in self.prefills:
-            while p.next < len(p.ids) and len(rows) < most:
+            short = len(p.ids) - p.next <= SHORT_PROMPT_CHUNKS * self.config.chunk
+            while p.next < len(p.ids) and len(rows) < (most if short else long_rows):
                 count = min(self.config.chunk - p.next % self.config.chunk, len(p.ids) - p.next)
                 rows.append((p, p.next, count))
                 p.next += count

@@ -862,3 +862,24 @@ def test_default_model_greedy_stream_equals_hf_generate(default_llm, monkeypatch
         stream = client.chat.completions.create(model=llm.model_id, messages=messages, temperature=0,
                                                 max_tokens=24, stream=True)
         assert stream_text(stream) == {0: expected}
+
+
+def metric(http, name: str) -> float:
+    """The value of one Prometheus sample in /metrics."""
+    line = next(line for line in http.get("/metrics").text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(http):
+    """Two chats with one long system prompt over HTTP: the second reuses its whole chunks, and /metrics counts
+    them (bit-identity with the cache off is tested on the engine, tests/engine/test_engine_core.py)."""
+    system = {"role": "system", "content": " ".join(f"rule {i}: be brief." for i in range(20))}
+    before = metric(http, "jaxgen_prefix_cache_hit_tokens_total")
+    bodies = []
+    for question in ["First?", "Second?"]:
+        out = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [system, *ask(question)],
+                                                       "temperature": 0, "max_tokens": 4})
+        assert out.status_code == 200
+        bodies.append(out.json())
+    assert metric(http, "jaxgen_prefix_cache_hit_tokens_total") - before >= 64
+    assert bodies[1]["usage"]["prompt_tokens"] > 64
