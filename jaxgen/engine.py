@@ -126,9 +126,10 @@ class TurnClock:
         self.last = None
 
     def budget(self, most: int) -> int:
-        """Prompt tokens a turn may prefill while streams decode (at most `most`)."""
+        """Prompt tokens a turn may prefill while streams decode (at most `most`; until both costs are measured,
+        none beyond the caller's minimum of one chunk)."""
         if self.decode_s is None or not self.token_s:
-            return most
+            return 0
         return int(min(most, (self.slowdown - 1.0) * self.decode_s / self.token_s))
 
     def _mix(self, old: float | None, new: float) -> float:

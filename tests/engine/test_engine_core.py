@@ -399,11 +399,11 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
 
 def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
     """Decode-only turns of 0.125 s, then one with 64 prompt tokens taking 0.625 s (7.8 ms a token): a turn may
-    then prefill (3 - 1) x 0.125 s / 7.8 ms = 32 tokens; before any estimate, the whole budget."""
+    then prefill (3 - 1) x 0.125 s / 7.8 ms = 32 tokens; before both are measured, nothing beyond one chunk."""
     from jaxgen.engine import TurnClock
     times = iter([0.0, 0.125, 0.25, 0.375, 1.0])
     clock = TurnClock(slowdown=3.0, smoothing=1.0, now=lambda: next(times))
-    assert clock.budget(512) == 512
+    assert clock.budget(512) == 0
     for tokens in [0, 0, 0, 0, 64]:
         clock.turn_read(tokens)
     assert clock.budget(512) == 32
