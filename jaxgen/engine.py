@@ -249,11 +249,6 @@ class Engine:
                 "compiled_programs": len(self.programs.ready), "programs": len(self.program_keys()),
                 "warming": int(self._compiling())}
 
-    @property
-    def ready(self) -> bool:
-        """Whether every program is compiled (after `warmup`, or when background compiling has finished)."""
-        return len(self.programs.ready) >= len(self.program_keys())
-
     def warmup(self) -> None:
         """Compile (or load) every program a workload can reach, so no request ever waits for a compile."""
         self.programs.build_all(self.program_keys())
@@ -261,7 +256,7 @@ class Engine:
 
     def warmup_in_background(self) -> None:
         """Compile the programs that serve every shape first (the largest), then the rest in a background thread
-        while requests are served; `ready` turns true when all are done."""
+        while requests are served; `stats()["warming"]` is 0 once all are done."""
         keys = self.program_keys()
         essential = [k for k in keys if k in self._covering_keys()]
         self.programs.build_all(essential)
