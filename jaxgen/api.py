@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.models import llama
 from jaxgen.models import lora as lora_lib
 from jaxgen.models.checkpoint import save_checkpoint
+from jaxgen.models.family import family_for
 from jaxgen.models.loading import load_model
 
 from jaxgen.sampling import SamplingParams
@@ -33,9 +33,15 @@ from .tools import plan_tools
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def all_logits(params, cfg, tokens, length, lora=None, adapters=None):
-    """float32 logits [1, T, V] for every position of one padded prompt tokens [1, T] (with LoRA `adapters` [1])."""
-    _, hidden = llama.prefill(params, cfg, tokens, length, lora, adapters)
-    return llama.lm_logits(params, cfg, hidden)
+    """float32 logits [1, T, V] for every position of one padded prompt tokens [1, T] (with LoRA `adapters` [1]):
+    the family's forward from position 0 into a scratch cache of T positions (padding at the spare one)."""
+    family = family_for(cfg)
+    t = tokens.shape[1]
+    cache = family.init_cache(cfg, 1, t, jax.tree.leaves(params)[0].dtype)
+    positions = jnp.where(jnp.arange(t, dtype=jnp.int32)[None, :] < length[:, None],
+                          jnp.arange(t, dtype=jnp.int32)[None, :], t)
+    hidden, _ = family.forward(params, cfg, cache, tokens, positions, t, None, lora, adapters)
+    return family.lm_logits(params, cfg, hidden)
 
 
 @dataclasses.dataclass

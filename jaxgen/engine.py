@@ -374,8 +374,8 @@ class Engine:
         return ready or (wanted, self.programs.get(wanted))
 
     def _warm_helpers(self) -> None:
-        """Trace the small jitted helpers once (slot start, copy, release), so no request traces them."""
-        row = make_row(SamplingParams(), [0], self.key_data, self.cfg.vocab_size)
+        """Trace the small jitted helpers once (key folding, slot start, copy, release), so no request traces them."""
+        row = make_row(SamplingParams(), [0], row_key(None, 0, self.key_data, 0), self.cfg.vocab_size)
         for batch in self.prefill_row_buckets():
             logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
             self.state = programs.start_choice(self.state, logits, jnp.int32(0), jnp.int32(0), jnp.int32(0), row,
@@ -604,11 +604,10 @@ class Engine:
         tokens, positions, targets, slots, last, adapters = (
             pad_rows(a, batch, fill) for a, fill in
             ((tokens, 0), (positions, self.spare), (targets, 0), (slots, 0), (last, 0), (adapters, 0)))
-        lora = (self.lora, None if self.lora is None else jnp.asarray(adapters))
+        lora = (self.lora, None if self.lora is None else jax.device_put(adapters))
         self.counters["prefill_tokens"] += sum(c for _, _, c in rows)
         self.state, last_logits, scores = self._device(
-            program, self.params, self.state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(slots),
-            jnp.asarray(last), jnp.asarray(targets), *lora)
+            program, self.params, self.state, *jax.device_put((tokens, positions, slots, last, targets)), *lora)
         return last_logits, scores
 
     def _complete(self, p: Prefill, last_logits, b: int) -> None:
@@ -663,7 +662,7 @@ class Engine:
         fallbacks = [("decode", r, k) for r in buckets for k in self.kv_buckets() if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
         (_, rows, _), program = self._program(("decode", rows, kv_len), fallbacks)
-        bitmask = jnp.asarray(self.bitmask_rows) if self._constrained() else self.bitmask
+        bitmask = jax.device_put(self.bitmask_rows) if self._constrained() else self.bitmask
         self.state, packed = self._device(program, self.params, self.state, bitmask, self.eos_mask, self.lora)
         for c in active:
             c.position += 1
