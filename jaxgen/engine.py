@@ -8,8 +8,8 @@ step's tokens. Dispatch is asynchronous, so step t+1 is queued before step t is 
 strings and event delivery overlap the device's work); with a grammar-constrained choice running, the
 next mask needs the token just sampled, so the loop reads each step back before dispatching the next.
 
-Prompts are cut into chunks at fixed positions (multiples of `chunk`), so a prompt's K/V never depends on
-what else was batched with it or on the prefix cache. While streams decode, long prompts' share of each turn is
+Prompts are cut into chunks at fixed positions (multiples of `chunk`, and the request's `split` if it names
+one), so a prompt's K/V never depends on what else was batched with it or on the prefix cache. While streams decode, long prompts' share of each turn is
 capped (`TurnClock`) so a long arrival stretches their inter-token gap by at most `decode_slowdown`. Programs are compiled ahead of time by shape (`compiled.py`).
 
 Failures stay with their request where the device state is intact (a host-side error while starting or
@@ -44,7 +44,7 @@ from .compiled import ProgramTable
 from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequestError, JaxgenError, NotFoundError, QueueFullError
 from .events import Admitted, ChoiceUpdate, Done, RequestHandle, TokenInfo, token_info
-from .prefix import Match, PrefixIndex
+from .prefix import Match, PrefixIndex, chunk_end
 from .stops import StopStringMatcher
 
 MIN_KV_BUCKET = 128
@@ -64,6 +64,7 @@ class Request:
     handle: RequestHandle
     grammar: Any = None  # jaxgen.grammar.Grammar constraining every choice, or None
     adapter: int = 0  # LoRA adapter index (0 = none; i = the engine's i-th stacked adapter)
+    split: int | None = None  # a prompt position its chunks restart at (a shared context's end; prefix.py)
     completion_tokens: int = 0  # summed over choices as they finish
     slots: list[int] = dataclasses.field(default_factory=list)  # every slot it holds (prefill and choices)
 
@@ -211,15 +212,19 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                loop: asyncio.AbstractEventLoop | None = None, param: str = "messages",
-               grammar=None, adapter: int = 0) -> RequestHandle:
+               grammar=None, adapter: int = 0, split: int | None = None) -> RequestHandle:
         """Queue a request; raises InvalidRequestError / QueueFullError at once, never later.
 
         `param` names the request field the prompt came from, for error bodies; `grammar` (from
         `grammars.compile_response_format`) constrains every choice; `adapter` is the LoRA adapter
-        index (0 = none, 1..N = the stacked adapters).
+        index (0 = none, 1..N = the stacked adapters); `split`, a position inside the prompt where its chunks
+        restart, makes its first `split` tokens reusable by later prompts with the same split (several
+        continuations of one context, scored: the context then runs once).
         """
         params.validate(self.cfg.vocab_size)
         self.check_prompt(prompt_ids, params, param)
+        if split is not None and not 0 < split < len(prompt_ids):
+            raise InvalidRequestError(f"split={split} must be inside the prompt's {len(prompt_ids)} tokens")
         if not 0 <= adapter <= self.num_adapters:
             raise NotFoundError(f"LoRA adapter index {adapter} not found; this engine has {self.num_adapters}",
                                 param="peft")
@@ -229,7 +234,7 @@ class Engine:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             handle = RequestHandle(next(self.request_ids), loop)
-            self.waiting.append(Request(list(prompt_ids), params, handle, grammar, adapter))
+            self.waiting.append(Request(list(prompt_ids), params, handle, grammar, adapter, split))
             self.wake.notify()
         return handle
 
@@ -489,9 +494,11 @@ class Engine:
                 return
             ids = np.asarray(request.prompt_ids, np.int32)
             scored = request.params.loglikelihood
-            now = self.prefix.best(ids, request.adapter, scored)
-            soon = self.prefix.best(ids, request.adapter, scored, planned=True)
-            if soon.length >= now.length + self.config.chunk and self._prefilling(soon.source):
+            now = self.prefix.best(ids, request.adapter, scored, request.split)
+            soon = self.prefix.best(ids, request.adapter, scored, request.split, planned=True)
+            gain = soon.length - now.length
+            worth_waiting = gain >= self.config.chunk or (gain > 0 and soon.length == request.split)
+            if worth_waiting and self._prefilling(soon.source):
                 return  # a prompt being run holds more of this one: start after its chunks are dispatched
             with self.wake:
                 self.waiting.popleft()
@@ -527,7 +534,7 @@ class Engine:
         reused_scores = None
         if request.params.loglikelihood and match.length:
             reused_scores = tuple(a[:match.length] for a in self.prefix.slots[match.source].scores)
-        self.prefix.claim(slot, ids, request.adapter, request.params.loglikelihood, match)
+        self.prefix.claim(slot, ids, request.adapter, request.params.loglikelihood, match, request.split)
         self.counters["prompt_tokens"] += len(ids)
         self.prefills.append(Prefill(request, ids, slot, choice_slots, match.length, reused_scores=reused_scores))
 
@@ -553,7 +560,7 @@ class Engine:
         for p in self.prefills:
             short = len(p.ids) - p.next <= SHORT_PROMPT_CHUNKS * self.config.chunk
             while p.next < len(p.ids) and len(rows) < (most if short else long_rows):
-                count = min(self.config.chunk - p.next % self.config.chunk, len(p.ids) - p.next)
+                count = chunk_end(p.next, len(p.ids), self.config.chunk, p.request.split) - p.next
                 rows.append((p, p.next, count))
                 p.next += count
         if not rows:

@@ -7,6 +7,10 @@ by the chunked prefill, at whole-chunk boundaries, are reused, so a prompt's K/V
 same bits whether it was served from the cache or not. Memory is the slot cache itself: nothing else is kept
 on the device, and the prefix evicted is the least recently used one (the engine moves a newer one out of a
 slot it reuses).
+
+A prompt may name a `split` (a shared context's end, as scoring several continuations of one context does):
+its chunks then also restart there, so the context alone is a run of whole chunks that every prompt with the
+same split and context reuses; the plan depends on the prompt and its split only, never on the cache.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class SlotPrefix:
     scoring: bool = False
     scores: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # logprob [T-1], top ids / lps [T-1, K]
     last_used: int = 0
+    split: int | None = None  # where its chunk plan restarts (see `chunk_end`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +50,26 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
+def chunk_end(start: int, length: int, chunk: int, split: int | None) -> int:
+    """End of the prompt chunk that starts at `start`: the next multiple of `chunk`, or `split` when it comes
+    first (a prompt of `length` tokens)."""
+    end = (start // chunk + 1) * chunk
+    if split is not None and start < split < end:
+        end = split
+    return min(end, length)
+
+
+def shared_chunk_end(limit: int, chunk: int, split_a: int | None, split_b: int | None) -> int:
+    """The longest length <= `limit` that ends a chunk in the plans of both splits, with the same chunks before
+    it in both (so K/V reused there are the bits a cold run computes)."""
+    a, b = (s if s is not None and s % chunk else None for s in (split_a, split_b))  # a multiple adds no end
+    aligned = limit // chunk * chunk
+    if a == b:
+        return a if a is not None and aligned < a <= limit else aligned
+    first = min(s for s in (a, b) if s is not None)  # the plans part here
+    return min(limit, first) // chunk * chunk
+
+
 class PrefixIndex:
     """Host-side record of every slot's prompt prefix; picks the slot and the reusable length for a prompt."""
 
@@ -55,21 +80,24 @@ class PrefixIndex:
         self.clock = itertools.count(1)
         self.hit_tokens = 0
 
-    def reusable(self, slot: int, ids: np.ndarray, adapter: int, scored: bool, planned: bool = False) -> int:
-        """Tokens of `ids` whose K/V slot `slot` can give: whole chunks, at least one prompt token left to run
-        (its logits start the choice). `planned` counts chunks not dispatched yet."""
+    def reusable(self, slot: int, ids: np.ndarray, adapter: int, scored: bool, split: int | None = None,
+                 planned: bool = False) -> int:
+        """Tokens of `ids` (chunk plan restarting at `split`) whose K/V slot `slot` can give: whole chunks of both
+        plans, at least one prompt token left to run (its logits start the choice). `planned` counts chunks not
+        dispatched yet."""
         held = self.slots[slot]
         if not self.enabled or held.adapter != adapter or (scored and not held.scoring):
             return 0
-        limit = len(held.tokens) if planned else held.valid
-        if scored:  # a scoring request also needs the scores of the tokens it reuses
-            limit = min(limit, len(held.tokens) - 1 if planned else self.scored(slot))
-        n = common_prefix(held.tokens[:limit], ids)
-        return min(n, len(ids) - 1) // self.chunk * self.chunk
+        n = common_prefix(held.tokens, ids)
+        limit = min(n, len(ids) - 1, len(held.tokens) if planned else held.valid)
+        if scored:  # it reuses the scores too: entry i - 1 scores token i, so token `limit` must be the same one
+            limit = min(limit, n - 1, len(held.tokens) - 1 if planned else self.scored(slot))
+        return shared_chunk_end(max(limit, 0), self.chunk, held.split, split)
 
-    def best(self, ids: np.ndarray, adapter: int, scored: bool, planned: bool = False) -> Match:
+    def best(self, ids: np.ndarray, adapter: int, scored: bool, split: int | None = None,
+             planned: bool = False) -> Match:
         """The slot holding the longest reusable prefix of `ids` (ties: the most recently used)."""
-        lengths = [(self.reusable(s, ids, adapter, scored, planned), self.slots[s].last_used, s)
+        lengths = [(self.reusable(s, ids, adapter, scored, split, planned), self.slots[s].last_used, s)
                    for s in range(len(self.slots))]
         length, _, source = max(lengths)
         return Match(source, length)
@@ -83,14 +111,16 @@ class PrefixIndex:
         """The free slot to give a request that reuses nothing: the least recently used."""
         return min(free, key=lambda s: self.slots[s].last_used)
 
-    def claim(self, slot: int, ids: np.ndarray, adapter: int, scoring: bool, match: Match) -> None:
-        """Slot `slot` now holds prompt `ids`, valid for the `match.length` tokens taken from `match.source`."""
+    def claim(self, slot: int, ids: np.ndarray, adapter: int, scoring: bool, match: Match,
+              split: int | None = None) -> None:
+        """Slot `slot` now holds prompt `ids` (chunked at `split`), valid for the `match.length` tokens taken from
+        `match.source`."""
         source = self.slots[match.source]
         scores = None
         if scoring and match.length and source.scores is not None:
             scores = tuple(a[:match.length] for a in source.scores)
         self.slots[slot] = SlotPrefix(np.asarray(ids, np.int32), match.length, adapter, scoring, scores,
-                                      next(self.clock))
+                                      next(self.clock), split)
         self.hit_tokens += match.length
 
     def advance(self, slot: int, valid: int, scores=None) -> None:

@@ -17,8 +17,9 @@ import pytest
 import jaxgen
 from jaxgen import programs
 from jaxgen.engine import EngineConfig
-from jaxgen.errors import JaxgenError
+from jaxgen.errors import InvalidRequestError, JaxgenError
 from jaxgen.events import Admitted, ChoiceUpdate, Done
+from jaxgen.prefix import chunk_end, shared_chunk_end
 from jaxgen.sampling import SamplingParams
 
 CORE = EngineConfig(num_slots=8, max_len=256, max_queue=512, seed=0, chunk=64, prefill_budget=256)
@@ -131,17 +132,61 @@ def test_prefix_cache_changes_no_bit_under_concurrency(cached, uncached):
             assert_same(a, b)
 
 
-def test_scoring_continuations_prefill_their_context_once(cached):
-    """lm-eval style: one context, four continuations submitted together: the context is run once."""
-    context = list(range(100, 100 + 128))  # two chunks
-    before = cached.engine.stats()["prefill_tokens_total"]
-    handles = [cached.engine.submit(context + [300 + k, 301 + k], SamplingParams(max_tokens=0, loglikelihood=True))
-               for k in range(4)]
-    scores = [record(h)["admitted"][1] for h in handles]
-    ran = cached.engine.stats()["prefill_tokens_total"] - before
-    assert ran == 128 + 4 * 2  # the context once, then each continuation's own tokens
-    for s in scores[1:]:
-        assert_same(s[:127], scores[0][:127])
+SCORE = SamplingParams(max_tokens=0, loglikelihood=True, logprobs=True, top_logprobs=2)
+
+
+def score_together(llm, prompts, split=None):
+    """Submit every prompt at once for its prompt scores; -> (records, prompt tokens the engine ran)."""
+    before = llm.engine.stats()["prefill_tokens_total"]
+    handles = [llm.engine.submit(ids, SCORE, split=split) for ids in prompts]
+    records = [record(h) for h in handles]
+    return records, llm.engine.stats()["prefill_tokens_total"] - before
+
+
+def test_scoring_continuations_of_a_chunk_aligned_context(cached, uncached):
+    """One context of two whole chunks, four continuations submitted together: the context runs once, and every
+    continuation's scores are a cold run's bits, its first token's included (that one is scored from the
+    context's last logits, so it is not the reused prompt's)."""
+    context = list(range(100, 100 + 128))
+    prompts = [context + [300 + k, 301 + k] for k in range(4)]
+    on, ran = score_together(cached, prompts)
+    off, _ = score_together(uncached, prompts)
+    for a, b in zip(on, off):
+        assert_same(a, b)
+    assert ran == 128 + 4 * 2 + 3 * 64  # the first runs all; the others reuse one chunk (token 128 differs)
+
+
+@pytest.mark.parametrize("context_len", [37, 100, 128])
+def test_split_context_runs_once_and_changes_no_bit(cached, uncached, context_len):
+    """With `split` at the context's last token, four continuations run the context once, whatever its length
+    (not a whole number of chunks), and every score equals a cold run's with the same split, bit for bit."""
+    context = np.random.default_rng(context_len).integers(3, 290, context_len).tolist()  # not cached before
+    prompts = [context + [300 + k, 301 + k, 302] for k in range(4)]
+    on, ran = score_together(cached, prompts, split=context_len - 1)
+    off, _ = score_together(uncached, prompts, split=context_len - 1)
+    for a, b in zip(on, off):
+        assert_same(a, b)
+    assert ran == context_len + 3 + 3 * (1 + 3)  # then each reruns the context's last token and its own three
+    plain, _ = score_together(uncached, prompts)
+    for a, b in zip(on, plain):  # a different chunking is the same model, to float rounding
+        assert_same(a, b, atol=1e-4)
+
+
+def test_a_split_outside_the_prompt_is_refused(cached):
+    for split in (0, 3, -1):
+        with pytest.raises(InvalidRequestError, match="split"):
+            cached.engine.submit([5, 6, 7], SCORE, split=split)
+
+
+def test_chunk_plans_with_splits():
+    """Chunks end at multiples of the chunk length and at the split; reuse stops where two plans part."""
+    assert [chunk_end(s, 150, 64, None) for s in (0, 64, 128)] == [64, 128, 150]
+    assert [chunk_end(s, 150, 64, 99) for s in (0, 64, 99, 128)] == [64, 99, 128, 150]
+    assert shared_chunk_end(140, 64, 99, 99) == 128  # same plan: any end of it
+    assert shared_chunk_end(120, 64, 99, 99) == 99
+    assert shared_chunk_end(140, 64, 99, None) == 64  # the plans part at 99
+    assert shared_chunk_end(140, 64, 99, 70) == 64
+    assert shared_chunk_end(140, 64, 128, None) == 128  # a split on a chunk end changes nothing
 
 
 def test_long_arrival_delays_a_running_stream_by_one_call_at_a_time(cached):
