@@ -1,4 +1,4 @@
-"""The public Python API: `jaxgen.load(...) -> LLM`, then chat / complete / generate / logits."""
+"""The public Python API: `jaxgen.load(...) -> LLM`, then chat / complete / generate / logits / score / perplexity."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +28,8 @@ from .errors import InvalidRequestError, JaxgenError, ModelLoadError, NotFoundEr
 from .generator import ChatChunker, CompletionChunker, StreamMeta, aggregate_chat, chunks_of, merge_completion
 from .protocol import (ChatCompletionRequest, CompletionRequest, message_text, parse_chat_request,
                        parse_completion_request)
+from .scoring import (PairScores, TextScores, encode_pair, progress_bar, rolling_windows, score_token_pairs,
+                      score_token_texts)
 from .tools import plan_tools
 
 
@@ -338,6 +340,33 @@ class LLM:
         lora = () if self.lora is None else (self.lora, jnp.array([adapter], jnp.int32))  # none: the plain program
         out = all_logits(self.params, self.cfg, jnp.asarray(padded), jnp.array([ids.size], jnp.int32), *lora)
         return np.asarray(out[0, : ids.size])
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context stands for when scoring (BOS, else EOS), as lm-evaluation-harness uses."""
+        token = self.tokenizer.bos_token_id
+        return token if token is not None else self.tokenizer.eos_token_id
+
+    def score(self, pairs: Sequence[tuple[str | Sequence[int], str | Sequence[int]]], *, peft: str | None = None,
+              progress: bool = False) -> PairScores:
+        """Log-likelihood of each continuation given its context, batched through the engine: pairs of texts
+        (split into tokens as lm-evaluation-harness does) or of token-id lists. Pairs sharing a context run it
+        once; a context too long for the engine is cut from the left. -> per-token log-probs, sums, greedy flags."""
+        adapter = self._resolve_adapter(None, peft)
+        ids = [pair if not isinstance(pair[0], str) else
+               encode_pair(self.tokenizer, pair[0], pair[1], self.prefix_token_id) for pair in pairs]
+        with progress_bar(len(ids), "scoring pairs", progress) as on_done:
+            return score_token_pairs(self.engine, ids, adapter=adapter, on_done=on_done)
+
+    def perplexity(self, texts: Sequence[str | Sequence[int]], *, peft: str | None = None,
+                   progress: bool = False) -> TextScores:
+        """Log-likelihood of every token of each text (texts or token-id lists, after the prefix token), over
+        disjoint rolling windows when a text outgrows the engine's context; -> log-probs, sums, perplexities."""
+        adapter = self._resolve_adapter(None, peft)
+        ids = [self.tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts]
+        windows = sum(len(rolling_windows(t, self.prefix_token_id, self.engine.context_limit - 1)) for t in ids)
+        with progress_bar(windows, "scoring windows", progress) as on_done:
+            return score_token_texts(self.engine, ids, self.prefix_token_id, adapter=adapter, on_done=on_done)
 
     def save(self, directory: str) -> None:
         """Write an Orbax checkpoint (params, config, tokenizer) that `jaxgen.load(directory)` restores exactly."""
