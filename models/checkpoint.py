@@ -11,7 +11,7 @@ from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
 from .config import Params
-from .llama import init_params
+from .family import family_for
 
 CONFIG_FILE = "jaxgen_config.json"
 
@@ -45,7 +45,7 @@ def load_checkpoint(directory: str, dtype=None):
         meta = json.load(f)
     cfg = ModelConfig.from_dict(meta["model"])
     dtype = dtype or meta["dtype"]
-    target = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    target = jax.eval_shape(lambda: family_for(cfg).init_params(cfg, jax.random.key(0), dtype))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(directory, "params"), target)

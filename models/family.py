@@ -2,7 +2,9 @@
 
 A family is one module of pure functions (config -> params layout -> forward). The engine calls only
 `forward` (tokens [B, T] at positions, against the cache), `lm_logits` and `init_cache`, so a second
-architecture is a new module registered here, not edits across the engine.
+architecture is a new module registered here, not edits across the engine. The loaders call the rest: the
+family reads its own HF and GGUF configs (refusing, by name, whatever it does not implement), maps HF tensor
+names onto its params, and says how llama.cpp's GGUF files name and change those tensors.
 """
 from __future__ import annotations
 
@@ -11,30 +13,59 @@ from typing import Callable
 
 from jaxgen.errors import ModelLoadError
 
-from . import llama
+from . import gguf_loader, layers, llama
 from .config import ModelConfig
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: each family is one registered object
 class Family:
     """One architecture's pure functions; hashable, so jitted programs take it as a static argument."""
 
     name: str
-    architectures: tuple[str, ...]  # the `ModelConfig.architecture` values it runs
+    architectures: tuple[str, ...]  # the HF `model_type` values (`ModelConfig.architecture`) it runs
     forward: Callable  # (params, cfg, cache, tokens [B,T], positions [B,T], kv_len, rows, lora, adapters) -> (hidden, cache)
     lm_logits: Callable  # (params, cfg, hidden [..., D]) -> float32 logits [..., V]
     init_cache: Callable  # (cfg, num_slots, max_len, dtype) -> cache
     init_params: Callable  # (cfg, key, dtype) -> params
+    config_from_hf: Callable  # (HF config.json dict) -> ModelConfig
+    layer_from_hf: Callable  # (cfg, get(hf_name) -> array, layer index) -> {param name: array}
+    gguf_architectures: tuple[tuple[str, str], ...] = ()  # (GGUF general.architecture, our architecture)
+    config_from_gguf: Callable | None = None  # (reader, GGUF arch, our architecture) -> ModelConfig
+    gguf_tensors: tuple[tuple[str, str], ...] = ()  # GGUF -> HF names beyond (or replacing) the Llama table
+    gguf_fix: Callable | None = None  # (hf_name, array) -> array: undo what llama.cpp's converter changed
+    fields: type | None = None  # the dataclass in `ModelConfig.extra` (with `from_dict`), None if none
 
 
-LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, llama.init_cache,
-               llama.init_params)
+LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, layers.init_cache,
+               llama.init_params, llama.config_from_hf, llama.layer_from_hf,
+               gguf_architectures=(("llama", "llama"), ("qwen2", "qwen2")),
+               config_from_gguf=gguf_loader.llama_config_from_gguf)
 FAMILIES = (LLAMA,)
+
+
+def supported() -> str:
+    """The architectures some family runs, for error messages."""
+    return ", ".join(a for f in FAMILIES for a in f.architectures)
+
+
+def family_for_architecture(architecture: str) -> Family:
+    """The family that runs `architecture` (an HF model_type), or a ModelLoadError naming it."""
+    for family in FAMILIES:
+        if architecture in family.architectures:
+            return family
+    raise ModelLoadError(f"unsupported architecture {architecture!r}; supported: {supported()}")
 
 
 def family_for(cfg: ModelConfig) -> Family:
     """The family that runs `cfg`'s architecture, or a ModelLoadError naming it."""
+    return family_for_architecture(cfg.architecture)
+
+
+def family_for_gguf(arch: str) -> tuple[Family, str]:
+    """(family, our architecture) for a GGUF `general.architecture`, or a ModelLoadError naming it."""
     for family in FAMILIES:
-        if cfg.architecture in family.architectures:
-            return family
-    raise ModelLoadError(f"no model family runs architecture {cfg.architecture!r}")
+        for gguf_arch, architecture in family.gguf_architectures:
+            if gguf_arch == arch:
+                return family, architecture
+    names = ", ".join(a for f in FAMILIES for a, _ in f.gguf_architectures)
+    raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {names}")

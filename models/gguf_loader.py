@@ -30,7 +30,6 @@ GGUF_TO_HF = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -49,18 +48,14 @@ def field(reader: gguf.GGUFReader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
-    """ModelConfig from `{arch}.*` metadata; tied embeddings when the file has no output.weight."""
-    arch = field(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
-    if field(reader, f"{arch}.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensor_names(reader):
-        raise ModelLoadError("GGUF RoPE scaling (rope.scaling.* or rope_freqs) is not supported; load the HF directory")
+def base_fields_from_gguf(reader: gguf.GGUFReader, arch: str, architecture: str) -> dict:
+    """The `ModelConfig` fields every family reads the same way from `{arch}.*` metadata; tied embeddings when
+    the file has no output.weight."""
     heads = field(reader, f"{arch}.attention.head_count")
     hidden = field(reader, f"{arch}.embedding_length")
     vocab = field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    return ModelConfig(
-        architecture=GGUF_ARCHITECTURES[arch], vocab_size=vocab, hidden_size=hidden,
+    return dict(
+        architecture=architecture, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=field(reader, f"{arch}.feed_forward_length"),
         num_layers=field(reader, f"{arch}.block_count"), num_heads=heads,
         num_kv_heads=field(reader, f"{arch}.attention.head_count_kv", heads),
@@ -68,8 +63,29 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         rms_norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=field(reader, f"{arch}.context_length", 2048),
-        tie_word_embeddings="output.weight" not in tensor_names(reader),
-        attention_bias="blk.0.attn_q.bias" in tensor_names(reader))
+        tie_word_embeddings="output.weight" not in tensor_names(reader))
+
+
+def refuse_rope_scaling(reader: gguf.GGUFReader, arch: str) -> None:
+    """RoPE scaling in a GGUF file (rope.scaling.* or a rope_freqs tensor): not read from GGUF."""
+    if field(reader, f"{arch}.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensor_names(reader):
+        raise ModelLoadError("GGUF RoPE scaling (rope.scaling.* or rope_freqs) is not supported; load the HF directory")
+
+
+def llama_config_from_gguf(reader: gguf.GGUFReader, arch: str, architecture: str) -> ModelConfig:
+    """ModelConfig of a `llama` or `qwen2` GGUF file."""
+    refuse_rope_scaling(reader, arch)
+    return ModelConfig(**base_fields_from_gguf(reader, arch, architecture),
+                       attention_bias="blk.0.attn_q.bias" in tensor_names(reader))
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
+    """ModelConfig from the metadata, read by the family that runs `general.architecture`."""
+    from .family import family_for_gguf
+
+    arch = field(reader, "general.architecture")
+    family, architecture = family_for_gguf(arch)
+    return family.config_from_gguf(reader, arch, architecture)
 
 
 def tensor_names(reader: gguf.GGUFReader) -> set[str]:
@@ -77,10 +93,10 @@ def tensor_names(reader: gguf.GGUFReader) -> set[str]:
     return {t.name for t in reader.tensors}
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None if it has no counterpart."""
+def hf_name(gguf_name: str, table: dict[str, str] = GGUF_TO_HF) -> str | None:
+    """The HF name of a GGUF tensor under `table` (generic names, {i} the layer), or None if it has none."""
     generic = re.sub(r"^blk\.(\d+)\.", "blk.{i}.", gguf_name)
-    target = GGUF_TO_HF.get(generic)
+    target = table.get(generic)
     layer = re.match(r"^blk\.(\d+)\.", gguf_name)
     return target.format(i=layer.group(1)) if target and layer else target
 
@@ -99,17 +115,25 @@ def dequantize(tensor) -> np.ndarray:
 
 
 def hf_tensor_getter(reader: gguf.GGUFReader, cfg: ModelConfig):
-    """`get(hf_name) -> float32 array` over the file's tensors, with Q/K rows put back in HF order.
+    """`get(hf_name) -> float32 array` over the file's tensors, put back as HF stores them.
 
-    llama.cpp's converter permutes Q/K rows (weights and biases) for the `llama` architecture only.
+    The family's `gguf_tensors` extend or override the Llama table, and its `gguf_fix(hf_name, array)` undoes
+    what llama.cpp's converter changed (Gemma's norms stored as 1 + w). llama.cpp's converter permutes Q/K rows
+    (weights and biases) for the `llama` architecture only.
     """
-    by_hf = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
+    from .family import family_for
+
+    family = family_for(cfg)
+    table = {**GGUF_TO_HF, **dict(family.gguf_tensors)}
+    by_hf = {hf_name(t.name, table): t for t in reader.tensors if hf_name(t.name, table)}
     permuted = field(reader, "general.architecture") == "llama"  # llama.cpp permutes Q/K for llama only
 
     def get(name: str) -> np.ndarray:
         if name not in by_hf:
             raise ModelLoadError(f"GGUF file lacks the tensor for {name}")
         w = dequantize(by_hf[name])
+        if family.gguf_fix is not None:
+            w = family.gguf_fix(name, w)
         if not permuted:
             return w
         if ".q_proj." in name:

@@ -20,22 +20,15 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
             .reshape(weights.shape))
 
 
-def hf_to_gguf_name(name: str) -> str:
-    """HF tensor name -> GGUF tensor name."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if name in fixed:
-        return fixed[name]
-    parts = name.split(".")  # model.layers.{i}.<module>.<proj>.<weight|bias>
-    i, rest = parts[2], ".".join(parts[3:])
-    table = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    if rest in table:
-        return f"blk.{i}.{table[rest]}"
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{i}.{table[module]}.{kind}"
+GGUF_ARCH = {"gemma3_text": "gemma3"}  # HF model_type -> llama.cpp architecture, where they differ
+
+
+def hf_to_gguf_name(name: str, arch: str = "llama", n_blocks: int = 64) -> str:
+    """HF tensor name -> GGUF tensor name, by gguf's own tensor-name map (the table llama.cpp's converter uses)."""
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    target = gguf.get_tensor_name_map(model_arch, n_blocks).get_name(name, try_suffixes=(".weight", ".bias"))
+    assert target is not None, f"gguf has no {arch} name for {name}"
+    return target
 
 
 def quantized(w: np.ndarray, qtype) -> np.ndarray:
@@ -61,11 +54,11 @@ def write_gguf(hf_dir: Path, path: Path, *, arch: str | None = None, qtype=defau
     """Convert the tiny HF model in `hf_dir` to a GGUF file at `path`, as llama.cpp's converter would.
 
     `qtype(hf_name, array)` picks each tensor's type. Returns the weights a correct reader must
-    produce, by HF name (dequantized, in HF's row order). `extra(writer)` may add metadata; tensors
+    produce, by HF name (dequantized, in HF's row order, Gemma's 1 + w norms shifted back). `extra(writer)` may add metadata; tensors
     named in `drop` (HF names) are left out.
     """
     config = json.loads((hf_dir / "config.json").read_text())
-    arch = arch or config["model_type"]
+    arch = arch or GGUF_ARCH.get(config["model_type"], config["model_type"])
     tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
@@ -77,10 +70,15 @@ def write_gguf(hf_dir: Path, path: Path, *, arch: str | None = None, qtype=defau
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope else rope["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    if config.get("head_dim"):  # as the converter's TextModel.set_gguf_parameters
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    add_family_metadata(writer, arch, config)
     if with_tokenizer:
         add_tokenizer(writer, hf_dir)
     if extra:
@@ -91,19 +89,38 @@ def write_gguf(hf_dir: Path, path: Path, *, arch: str | None = None, qtype=defau
         if name in drop:
             continue
         w = w.astype(np.float32)
+        shifted = arch in NORM_SHIFTED and name.endswith("norm.weight")
+        if shifted:
+            w = w + np.float32(1.0)  # llama.cpp's Gemma converters store norms as 1 + w
         t = qtype(name, w)
         expected[name] = quantized(w, t)  # quantization blocks lie within rows: row order does not matter
+        if shifted:
+            expected[name] = expected[name] - np.float32(1.0)
         if arch == "llama" and ".q_proj." in name:
             w = permute(w, heads, heads)
         elif arch == "llama" and ".k_proj." in name:
             w = permute(w, heads, kv_heads)
         data = w if t == Q.F32 else gguf.quants.quantize(w, t)
-        writer.add_tensor(hf_to_gguf_name(name), data, raw_dtype=None if t == Q.F32 else t)
+        writer.add_tensor(hf_to_gguf_name(name, arch), data, raw_dtype=None if t == Q.F32 else t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+NORM_SHIFTED = ("gemma2", "gemma3")
+
+
+def add_family_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
+    """The architecture's own keys, as llama.cpp's converter writes them (Gemma 2's soft-caps and window,
+    Gemma 3's window and local RoPE base)."""
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        writer.add_sliding_window(config["sliding_window"])
+    elif arch == "gemma3":
+        writer.add_sliding_window(config["sliding_window"])
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path) -> None:

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.models import llama
+from jaxgen.models import layers
+from jaxgen.models.family import family_for
 from jaxgen.models.hf_loader import read_hf_config, safetensors_getter
 from jaxgen.models.weights import params_from_hf
 
@@ -83,21 +84,26 @@ def load_hf_dir_params(directory, dtype=jnp.float32):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def prefill_logits(params, cfg, tokens, lengths):
-    """(kv, float32 logits [B, T, V]) for right-padded prompts tokens [B, T]."""
-    kv, hidden = llama.prefill(params, cfg, tokens, lengths)
-    return kv, llama.lm_logits(params, cfg, hidden)
+    """(kv, float32 logits [B, T, V]) for right-padded prompts tokens [B, T]: the family's forward from position
+    0 into a fresh cache of B rows × T positions."""
+    family, (b, t) = family_for(cfg), tokens.shape
+    kv = family.init_cache(cfg, b, t, params["embed"].dtype)
+    hidden, kv = family.forward(params, cfg, kv, tokens, layers.prompt_positions(lengths, t, t), t)
+    return kv, family.lm_logits(params, cfg, hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
 def decode_step(params, cfg, cache, tokens, positions, kv_len):
-    """One jitted decode step with the cache donated: (logits [S, V], cache)."""
-    return llama.decode(params, cfg, cache, tokens, positions, kv_len)
+    """One jitted decode step (tokens, positions [S]) with the cache donated: (logits [S, V], cache)."""
+    family = family_for(cfg)
+    hidden, cache = family.forward(params, cfg, cache, tokens[:, None], positions[:, None], kv_len)
+    return family.lm_logits(params, cfg, hidden[:, 0]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("row",), donate_argnames=("cache",))
 def insert_row(cache, kv, row, slot):
-    """Jitted `llama.insert` with the cache donated."""
-    return llama.insert(cache, kv, row, slot)
+    """Jitted `layers.insert` with the cache donated."""
+    return layers.insert(cache, kv, row, slot)
 
 
 def pad_batch(prompts, bucket: int | None = None):
@@ -136,7 +142,7 @@ def our_greedy(params, cfg, prompts, n: int, *, kv_len: int | None = None, max_l
     tokens, lens = pad_batch(prompts)
     max_len = max(max_len or kv_len, tokens.shape[1])
     kv, logits = prefill_logits(params, cfg, tokens, lens)
-    cache = llama.init_cache(cfg, s, max_len, cache_dtype(params))
+    cache = family_for(cfg).init_cache(cfg, s, max_len, cache_dtype(params))
     for row in range(s):
         cache = insert_row(cache, kv, row, jnp.int32(row))
     logits = np.asarray(logits)
@@ -156,7 +162,7 @@ def decode_only(params, cfg, ids, n: int = 0, *, kv_len: int | None = None):
     Returns (logits [len(ids), V] at the prompt positions, the greedy continuation of n tokens).
     """
     kv_len = kv_len or pow2_at_least(len(ids) + n)
-    cache = llama.init_cache(cfg, 1, kv_len, cache_dtype(params))
+    cache = family_for(cfg).init_cache(cfg, 1, kv_len, cache_dtype(params))
     rows, new = [], []
     tok = None
     for pos in range(len(ids) + n - 1 if n else len(ids)):
@@ -184,15 +190,16 @@ def first_divergence(a, b) -> str:
 def chunk_logits(params, cfg, cache, tokens, positions, rows, kv_len):
     """One `forward` call of chunks tokens [B, C] at positions [B, C] into cache rows `rows`: (logits [B, C, V],
     cache)."""
-    hidden, cache = llama.forward(params, cfg, cache, tokens, positions, kv_len, rows)
-    return llama.lm_logits(params, cfg, hidden), cache
+    family = family_for(cfg)
+    hidden, cache = family.forward(params, cfg, cache, tokens, positions, kv_len, rows)
+    return family.lm_logits(params, cfg, hidden), cache
 
 
 def chunked_logits(params, cfg, ids, chunk: int, *, slot: int = 1, slots: int = 3, rows_per_call: int = 1):
     """Logits [T, V] of `ids` run through `forward` in chunks of `chunk` tokens (fixed positions, the last one
     padded to the spare column), `rows_per_call` chunks per call, into cache row `slot` of `slots`."""
     max_len = pow2_at_least(len(ids))
-    cache = llama.init_cache(cfg, slots, max_len, cache_dtype(params))
+    cache = family_for(cfg).init_cache(cfg, slots, max_len, cache_dtype(params))
     starts = list(range(0, len(ids), chunk))
     out = []
     for call in range(0, len(starts), rows_per_call):
