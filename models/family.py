@@ -13,7 +13,7 @@ from typing import Callable
 
 from jaxgen.errors import ModelLoadError
 
-from . import gguf_loader, layers, llama
+from . import gguf_loader, layers, llama, qwen3
 from .config import ModelConfig
 
 
@@ -40,7 +40,10 @@ LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_l
                llama.init_params, llama.config_from_hf, llama.layer_from_hf,
                gguf_architectures=(("llama", "llama"), ("qwen2", "qwen2")),
                config_from_gguf=gguf_loader.llama_config_from_gguf)
-FAMILIES = (LLAMA,)
+QWEN3 = Family("qwen3", ("qwen3",), llama.forward, llama.lm_logits, layers.init_cache, qwen3.init_params,
+               qwen3.config_from_hf, qwen3.layer_from_hf, gguf_architectures=(("qwen3", "qwen3"),),
+               config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_tensors=qwen3.GGUF_TENSORS)
+FAMILIES = (LLAMA, QWEN3)
 
 
 def supported() -> str:

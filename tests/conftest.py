@@ -95,18 +95,23 @@ TINY_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  tie_word_embeddings=False)
 
 
+# Per-architecture settings on top of TINY_BASE: small heads where the class defaults to 128 or 256.
+TINY_ARCH = {
+    "mistral": dict(sliding_window=8),
+    "qwen3": dict(head_dim=16),
+}
+
+
 def tiny_hf_config(arch: str = "llama", **overrides):
-    """A transformers config for a 2-layer, d=64, 4-head (2 KV heads) model of `arch` (llama, mistral, qwen2)."""
+    """A transformers config for a 2-layer, d=64, 4-head (2 KV heads) model of `arch` (llama, mistral, qwen2,
+    qwen3)."""
     import transformers
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
     if arch not in classes:
         raise ValueError(f"no tiny config for {arch!r}")
-    kwargs = dict(TINY_BASE)
-    if arch == "mistral":
-        kwargs["sliding_window"] = 8
-    kwargs.update(overrides)
+    kwargs = {**TINY_BASE, **TINY_ARCH.get(arch, {}), **overrides}
     return classes[arch](**kwargs)
 
 

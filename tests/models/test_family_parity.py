@@ -1,0 +1,200 @@
+"""Every family beyond Llama against HF transformers (float32, eager attention) on random-init tiny models.
+
+Each case is built with transformers' own config class and saved as safetensors. Prompts are longer than any
+sliding window; every path the engine uses (whole prompt, padded batch, chunks of 1, 7 and 64, token-by-token
+decode, slots at different positions) gives HF's logits within 1e-4, and 32 greedy tokens equal HF `generate`'s.
+The same random weights loaded from the HF directory, from a GGUF file written as llama.cpp's converter writes
+it (where llama.cpp has the architecture) and from our Orbax checkpoint give identical logits, and a PEFT LoRA
+adapter matches `peft`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gguf_builder as gb
+import model_oracle as mo
+import jaxgen
+from jaxgen.models.config import ModelConfig
+from jaxgen.models.family import family_for
+from jaxgen.models.gguf_loader import config_from_gguf, hf_tensor_getter, open_gguf
+from jaxgen.models.weights import params_from_hf
+
+ATOL = 1e-4
+PROMPT_LEN = 40
+NEW_TOKENS = 32
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def drop_layer_keys(*keys):
+    """Params without `keys` in any layer: turns a family's per-layer feature off."""
+    def off(cfg, params):
+        return cfg, {**params, "layers": [{k: v for k, v in layer.items() if k not in keys}
+                                          for layer in params["layers"]]}
+    return off
+
+
+# name: (arch, config overrides, how to turn its feature off (cfg, params) -> (cfg, params), LoRA targets)
+CASES = {
+    "qwen3": ("qwen3", {}, drop_layer_keys("q_norm", "k_norm"), ATTENTION + MLP),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}, None, ATTENTION),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, make_tiny_hf_model):
+    """(name, directory, cfg, params, hf_model, prompt) for one tiny family model."""
+    arch, overrides, _, _ = CASES[request.param]
+    directory = make_tiny_hf_model(arch, **overrides)
+    cfg, params = mo.load_hf_dir_params(directory)
+    prompt = np.random.default_rng(len(request.param)).integers(3, cfg.vocab_size, PROMPT_LEN).tolist()
+    return request.param, directory, cfg, params, mo.hf_load(directory), prompt
+
+
+@pytest.fixture(scope="module")
+def reference(case):
+    """HF's logits [T, V] of the case's prompt."""
+    return mo.hf_logits(case[4], case[5])
+
+
+def test_config_read(case):
+    name, _, cfg, params, hf, _ = case
+    hc = hf.config
+    assert family_for(cfg).name in name
+    assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.vocab_size) == (hc.num_hidden_layers, hc.hidden_size, hc.intermediate_size, hc.num_attention_heads,
+                                hc.num_key_value_heads, hc.head_dim, hc.vocab_size)
+    assert cfg.tie_word_embeddings == hc.tie_word_embeddings == ("lm_head" not in params)
+    assert cfg.rms_norm_eps == hc.rms_norm_eps
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    hash(cfg)
+
+
+def test_whole_prompt_logits_match_hf(case, reference):
+    name, _, cfg, params, _, prompt = case
+    ours = mo.our_logits(params, cfg, [prompt], bucket=len(prompt))[0]
+    diff = np.abs(ours - reference).max()
+    print(f"{name}: whole prompt max |logit diff| = {diff:.2e} over {len(prompt)} tokens")
+    assert diff <= ATOL
+    assert (ours.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_feature_matters(case, reference):
+    """Without the family's own feature the logits move far from HF's: the parity is not an accident."""
+    name, _, cfg, params, _, prompt = case
+    off = CASES[name][2]
+    if off is None:
+        pytest.skip(f"{name}: nothing to switch off")
+    cfg, params = off(cfg, params)
+    diff = np.abs(mo.our_logits(params, cfg, [prompt], bucket=len(prompt))[0] - reference).max()
+    assert diff > 1e-2, f"{name}: switching its feature off changed the logits by only {diff:.1e}"
+
+
+def test_padded_batch_matches_hf(case):
+    name, _, cfg, params, hf, prompt = case
+    prompts = [prompt, prompt[: len(prompt) // 2 + 1], prompt[5:12]]
+    for ours, p in zip(mo.our_logits(params, cfg, prompts), prompts):
+        diff = np.abs(ours - mo.hf_logits(hf, p)).max()
+        assert diff <= ATOL, f"{name}: prompt of {len(p)} in a padded batch: max diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("chunk,rows_per_call", [(1, 1), (7, 3), (64, 1)])
+def test_chunks_match_hf(case, reference, chunk, rows_per_call):
+    name, _, cfg, params, _, prompt = case
+    ours = mo.chunked_logits(params, cfg, prompt, chunk, rows_per_call=rows_per_call)
+    diff = np.abs(ours - reference).max()
+    print(f"{name} chunk {chunk} x{rows_per_call}: max |logit diff| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_decode_path_matches_hf(case, reference):
+    name, _, cfg, params, _, prompt = case
+    ours, _ = mo.decode_only(params, cfg, prompt)
+    diff = np.abs(ours - reference).max()
+    print(f"{name}: decode path max |logit diff| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_greedy_continuations_match_hf(case):
+    """32 greedy tokens by prefill + decode and by decode alone; two slots at different positions in a cache
+    longer than the attended window."""
+    name, _, cfg, params, hf, prompt = case
+    ref = mo.hf_greedy(hf, prompt, NEW_TOKENS)
+    ours = mo.our_greedy(params, cfg, [prompt], NEW_TOKENS)[0]
+    assert ours == ref, f"{name} (prefill + decode): {mo.first_divergence(ours, ref)}"
+    _, ours = mo.decode_only(params, cfg, prompt, NEW_TOKENS)
+    assert ours == ref, f"{name} (decode only): {mo.first_divergence(ours, ref)}"
+    prompts = [prompt, prompt[3:3 + len(prompt) // 2]]
+    for o, p in zip(mo.our_greedy(params, cfg, prompts, 16, max_len=128), prompts):
+        ref = mo.hf_greedy(hf, p, 16)
+        assert o == ref, f"{name}, prompt of {len(p)} beside another: {mo.first_divergence(o, ref)}"
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def gguf_arch(cfg) -> str | None:
+    """The llama.cpp architecture name our loader reads for `cfg`, or None when llama.cpp has none."""
+    archs = [g for g, ours in family_for(cfg).gguf_architectures if ours == cfg.architecture]
+    return archs[0] if archs else None
+
+
+def test_quantized_gguf_params_equal_dequantized_originals(case, tmp_path):
+    """A GGUF file of mixed F32/Q8_0/Q4_1 tensors reads back as the originals, quantized and dequantized."""
+    name, directory, cfg, _, _, _ = case
+    if gguf_arch(cfg) is None:
+        pytest.skip(f"llama.cpp has no GGUF architecture for {cfg.architecture}")
+    expected = gb.write_gguf(directory, tmp_path / "q.gguf")
+    reader = open_gguf(tmp_path / "q.gguf")
+    assert config_from_gguf(reader) == dataclasses.replace(cfg, rms_norm_eps=config_from_gguf(reader).rms_norm_eps)
+    ours = params_from_hf(cfg, hf_tensor_getter(reader, cfg), jnp.float32)
+    ref = params_from_hf(cfg, expected.__getitem__, jnp.float32)
+    assert jax.tree.structure(ours) == jax.tree.structure(ref)
+    for (key, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name}: {jax.tree_util.keystr(key)} differs"
+
+
+def test_hf_gguf_and_checkpoint_give_identical_logits(case, tmp_path):
+    """`jaxgen.load` of the HF directory, of an all-F32 GGUF and of our Orbax checkpoint: the same logits, bit
+    for bit, and HF's within 1e-4."""
+    name, directory, cfg, _, hf, prompt = case
+    from_hf = jaxgen.load(directory, dtype=jnp.float32)
+    logits = from_hf.logits(prompt)
+    assert np.abs(logits - mo.hf_logits(hf, prompt)).max() <= ATOL
+    from_hf.save(str(tmp_path / "ckpt"))
+    restored = jaxgen.load(tmp_path / "ckpt")
+    assert restored.cfg == cfg
+    assert np.array_equal(restored.logits(prompt), logits), f"{name}: checkpoint logits differ"
+    if gguf_arch(cfg) is not None:
+        gb.write_gguf(directory, tmp_path / "f32.gguf", qtype=lambda n, w: gb.Q.F32)
+        from_gguf = jaxgen.load(tmp_path / "f32.gguf", dtype=jnp.float32)
+        assert dataclasses.replace(from_gguf.cfg, rms_norm_eps=cfg.rms_norm_eps) == cfg
+        assert np.array_equal(from_gguf.logits(prompt), logits), f"{name}: GGUF logits differ"
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_matches_peft(case, tmp_path):
+    """A random PEFT adapter (B not zero) on the family's projections: our logits equal PeftModel's."""
+    import torch
+    peft = pytest.importorskip("peft")
+
+    name, directory, cfg, _, _, prompt = case
+    targets = CASES[name][3]
+    torch.manual_seed(1)
+    model = peft.get_peft_model(mo.hf_load(directory), peft.LoraConfig(
+        task_type="CAUSAL_LM", init_lora_weights=False, r=4, lora_alpha=8, target_modules=targets))
+    model.save_pretrained(tmp_path / "adapter")
+    oracle = peft.PeftModel.from_pretrained(mo.hf_load(directory), str(tmp_path / "adapter")).eval()
+    llm = jaxgen.load(directory, dtype=jnp.float32)
+    llm.load_adapter("a", tmp_path / "adapter")
+    ref = mo.hf_logits(oracle, prompt)
+    diff = np.abs(llm.logits(prompt, peft="a") - ref).max()
+    print(f"{name}: LoRA ({', '.join(targets)}) max |logit diff| vs peft = {diff:.2e}")
+    assert diff <= ATOL
+    assert np.abs(ref - mo.hf_logits(mo.hf_load(directory), prompt)).max() > 0.1  # the adapter matters
