@@ -13,7 +13,7 @@ from typing import Callable
 
 from jaxgen.errors import ModelLoadError
 
-from . import gguf_loader, layers, llama, qwen3
+from . import gemma, gguf_loader, layers, llama, qwen3
 from .config import ModelConfig
 
 
@@ -43,7 +43,12 @@ LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_l
 QWEN3 = Family("qwen3", ("qwen3",), llama.forward, llama.lm_logits, layers.init_cache, qwen3.init_params,
                qwen3.config_from_hf, qwen3.layer_from_hf, gguf_architectures=(("qwen3", "qwen3"),),
                config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_tensors=qwen3.GGUF_TENSORS)
-FAMILIES = (LLAMA, QWEN3)
+GEMMA = Family("gemma", gemma.ARCHITECTURES, gemma.forward, gemma.lm_logits, layers.init_cache, gemma.init_params,
+               gemma.config_from_hf, gemma.layer_from_hf,
+               gguf_architectures=(("gemma2", "gemma2"), ("gemma3", "gemma3_text")),
+               config_from_gguf=gemma.config_from_gguf, gguf_tensors=gemma.GGUF_TENSORS, gguf_fix=gemma.gguf_fix,
+               fields=gemma.GemmaFields)
+FAMILIES = (LLAMA, QWEN3, GEMMA)
 
 
 def supported() -> str:

@@ -99,16 +99,25 @@ TINY_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_ARCH = {
     "mistral": dict(sliding_window=8),
     "qwen3": dict(head_dim=16),
+    # Soft-caps low enough to bite on a tiny model; query_pre_attn_scalar = head_dim, as GGUF can say it.
+    "gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=3.0, tie_word_embeddings=True),
+    # Six layers: five sliding, one global (Gemma 3's pattern); the global RoPE linearly scaled.
+    "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, num_hidden_layers=6,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                            "rope_theta": 1_000_000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
 }
 
 
 def tiny_hf_config(arch: str = "llama", **overrides):
     """A transformers config for a 2-layer, d=64, 4-head (2 KV heads) model of `arch` (llama, mistral, qwen2,
-    qwen3)."""
+    qwen3, gemma2, gemma3_text)."""
     import transformers
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}
     if arch not in classes:
         raise ValueError(f"no tiny config for {arch!r}")
     kwargs = {**TINY_BASE, **TINY_ARCH.get(arch, {}), **overrides}

@@ -114,13 +114,17 @@ NORM_SHIFTED = ("gemma2", "gemma3")
 
 def add_family_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
     """The architecture's own keys, as llama.cpp's converter writes them (Gemma 2's soft-caps and window,
-    Gemma 3's window and local RoPE base)."""
+    Gemma 3's window and the global layers' linear RoPE scaling)."""
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
     elif arch == "gemma3":
         writer.add_sliding_window(config["sliding_window"])
+        rope = config["rope_parameters"]["full_attention"]
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path) -> None:

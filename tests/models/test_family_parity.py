@@ -40,17 +40,38 @@ def drop_layer_keys(*keys):
     return off
 
 
-# name: (arch, config overrides, how to turn its feature off (cfg, params) -> (cfg, params), LoRA targets)
+def replace_extra(**fields):
+    """The config with some of its family's own fields changed."""
+    def off(cfg, params):
+        return dataclasses.replace(cfg, extra=dataclasses.replace(cfg.extra, **fields)), params
+    return off
+
+
+def no_windows(cfg, params):
+    return dataclasses.replace(cfg, sliding_window=None), params
+
+
+QK_NORM = {"qk-norm": drop_layer_keys("q_norm", "k_norm")}
+# name: (arch, config overrides, {feature: how to turn it off, (cfg, params) -> (cfg, params)}, LoRA targets,
+#        whether a GGUF file can hold it)
 CASES = {
-    "qwen3": ("qwen3", {}, drop_layer_keys("q_norm", "k_norm"), ATTENTION + MLP),
-    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}, None, ATTENTION),
+    "qwen3": ("qwen3", {}, QK_NORM, ATTENTION + MLP, True),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}, {}, ATTENTION, True),
+    "gemma2": ("gemma2", {}, {"soft-caps": replace_extra(attn_logit_softcapping=None, final_logit_softcapping=None),
+                              "windows": no_windows}, ATTENTION + MLP, True),
+    # GGUF has no query_pre_attn_scalar (llama.cpp derives the scale from the shapes)
+    "gemma2_query_scalar": ("gemma2", {"query_pre_attn_scalar": 40},
+                            {"query_pre_attn_scalar": replace_extra(query_pre_attn_scalar=16)}, ATTENTION, False),
+    "gemma3": ("gemma3_text", {}, {**QK_NORM, "windows": no_windows, "local RoPE": replace_extra(local_rope_theta=None),
+                                   "global RoPE scaling": lambda cfg, p: (dataclasses.replace(cfg, rope_scaling=None), p)},
+               ATTENTION, True),
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, make_tiny_hf_model):
     """(name, directory, cfg, params, hf_model, prompt) for one tiny family model."""
-    arch, overrides, _, _ = CASES[request.param]
+    arch, overrides = CASES[request.param][:2]
     directory = make_tiny_hf_model(arch, **overrides)
     cfg, params = mo.load_hf_dir_params(directory)
     prompt = np.random.default_rng(len(request.param)).integers(3, cfg.vocab_size, PROMPT_LEN).tolist()
@@ -85,15 +106,15 @@ def test_whole_prompt_logits_match_hf(case, reference):
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
 
 
-def test_feature_matters(case, reference):
-    """Without the family's own feature the logits move far from HF's: the parity is not an accident."""
+def test_features_matter(case, reference):
+    """Without each of the family's own features the logits move far from HF's: the parity is not an accident."""
     name, _, cfg, params, _, prompt = case
-    off = CASES[name][2]
-    if off is None:
+    if not CASES[name][2]:
         pytest.skip(f"{name}: nothing to switch off")
-    cfg, params = off(cfg, params)
-    diff = np.abs(mo.our_logits(params, cfg, [prompt], bucket=len(prompt))[0] - reference).max()
-    assert diff > 1e-2, f"{name}: switching its feature off changed the logits by only {diff:.1e}"
+    for feature, off in CASES[name][2].items():
+        c, p = off(cfg, params)
+        diff = np.abs(mo.our_logits(p, c, [prompt], bucket=len(prompt))[0] - reference).max()
+        assert diff > 1e-2, f"{name}: switching {feature} off changed the logits by only {diff:.1e}"
 
 
 def test_padded_batch_matches_hf(case):
@@ -147,8 +168,8 @@ def gguf_arch(cfg) -> str | None:
 def test_quantized_gguf_params_equal_dequantized_originals(case, tmp_path):
     """A GGUF file of mixed F32/Q8_0/Q4_1 tensors reads back as the originals, quantized and dequantized."""
     name, directory, cfg, _, _, _ = case
-    if gguf_arch(cfg) is None:
-        pytest.skip(f"llama.cpp has no GGUF architecture for {cfg.architecture}")
+    if gguf_arch(cfg) is None or not CASES[name][4]:
+        pytest.skip(f"{name}: a GGUF file cannot hold this configuration")
     expected = gb.write_gguf(directory, tmp_path / "q.gguf")
     reader = open_gguf(tmp_path / "q.gguf")
     assert config_from_gguf(reader) == dataclasses.replace(cfg, rms_norm_eps=config_from_gguf(reader).rms_norm_eps)
@@ -170,7 +191,7 @@ def test_hf_gguf_and_checkpoint_give_identical_logits(case, tmp_path):
     restored = jaxgen.load(tmp_path / "ckpt")
     assert restored.cfg == cfg
     assert np.array_equal(restored.logits(prompt), logits), f"{name}: checkpoint logits differ"
-    if gguf_arch(cfg) is not None:
+    if gguf_arch(cfg) is not None and CASES[name][4]:
         gb.write_gguf(directory, tmp_path / "f32.gguf", qtype=lambda n, w: gb.Q.F32)
         from_gguf = jaxgen.load(tmp_path / "f32.gguf", dtype=jnp.float32)
         assert dataclasses.replace(from_gguf.cfg, rms_norm_eps=cfg.rms_norm_eps) == cfg
