@@ -1,4 +1,5 @@
-"""Command line: `jaxgen [chat] [MESSAGE]` streams an answer; `jaxgen serve` starts the HTTP server."""
+"""Command line: `jaxgen [chat] [MESSAGE]` streams an answer; `jaxgen serve` starts the HTTP server;
+`jaxgen eval --tasks ...` runs lm-evaluation-harness tasks on the model in process."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-additional-properties", action="store_true",
                        help="JSON schemas without additionalProperties accept undeclared keys, as JSON Schema "
                             "says (default: strict, they refuse them)")
+    evaluate = sub.add_parser("eval", help="run lm-evaluation-harness tasks on the model, in process "
+                                           "(needs the [eval] extra)")
+    add_model_args(evaluate)
+    evaluate.add_argument("--tasks", required=True, help="comma-separated task names (or groups)")
+    evaluate.add_argument("--model-args", default="", metavar="K=V,...",
+                          help="more arguments of the jaxgen model (jaxgen.eval.JaxgenLM), e.g. max_len=1024,lora=DIR")
+    evaluate.add_argument("--num-fewshot", type=int, default=None)
+    evaluate.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    evaluate.add_argument("--batch-size", default=None, help="sequences run together (the engine's slots)")
+    evaluate.add_argument("--include-path", default=None, help="a directory of task YAML files of your own")
+    evaluate.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", default=None, help="also write the results as JSON to this file")
     return parser
 
 
@@ -108,10 +122,41 @@ def run_serve(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    """Evaluate the model on lm-evaluation-harness tasks with `jaxgen.eval` and print the harness's table."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table, simple_parse_args_string
+    except ImportError:
+        print("error: jaxgen eval needs lm-evaluation-harness: pip install 'jaxgen[eval]'", file=sys.stderr)
+        return 2
+    import json
+
+    import jaxgen.eval  # noqa: F401  (registers the `jaxgen` model)
+
+    enable_compile_cache()
+    model_args = {"path": args.model, "dtype": args.dtype, "seed": args.seed,
+                  **simple_parse_args_string(args.model_args)}
+    results = lm_eval.simple_evaluate(
+        model="jaxgen", model_args={k: v for k, v in model_args.items() if v is not None},
+        tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+        task_manager=TaskManager(include_path=args.include_path), apply_chat_template=args.apply_chat_template,
+        random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump({k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}, f,
+                      indent=2, default=str)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jaxgen` console script and `python -m jaxgen`."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("chat", "serve", "-h", "--help"):
+    if not argv or argv[0] not in ("chat", "serve", "eval", "-h", "--help"):
         argv = ["chat", *argv]
     args = build_parser().parse_args(argv)
-    return run_serve(args) if args.command == "serve" else run_chat(args)
+    return {"serve": run_serve, "eval": run_eval}.get(args.command, run_chat)(args)

@@ -127,7 +127,8 @@ def score_token_pairs(engine: Engine, pairs: Sequence[TokenPair], *, adapter: in
     for pair in pairs:
         check_pair(pair, engine.cfg.vocab_size)
     unique = sorted({(tuple(c), tuple(x)) for c, x in pairs})  # contexts side by side
-    results = dict(zip(unique, _run_in_window(engine, unique, adapter, on_done)))
+    read = run_windowed(unique, lambda pair: _submit(engine, pair, adapter), _read, queue_window(engine), on_done)
+    results = dict(zip(unique, read))
     ordered = [results[(tuple(c), tuple(x))] for c, x in pairs]
     return PairScores(tuple(np.asarray(x, np.int32) for _, x in pairs), tuple(lp for lp, _ in ordered),
                       np.array([float(np.sum(lp, dtype=np.float64)) for lp, _ in ordered], np.float64),
@@ -150,23 +151,32 @@ def score_token_texts(engine: Engine, texts: Sequence[Sequence[int]], prefix_tok
                       np.array([len(lp) for lp in logprobs], np.int64))
 
 
-def _run_in_window(engine: Engine, pairs: Sequence[tuple[tuple, tuple]], adapter: int,
-                   on_done: Callable[[int], None] | None) -> Iterable[tuple[np.ndarray, bool]]:
-    """(log-probs f32[len(continuation)], greedy) per pair, in order, with at most a few batches of requests
-    queued at once (so a long list never fills the engine's queue)."""
-    window = max(1, min(engine.config.max_queue, 4 * engine.config.num_slots))
+def queue_window(engine: Engine) -> int:
+    """Requests a batch job keeps queued at once: enough to fill every slot a few times, never the whole queue."""
+    return max(1, min(engine.config.max_queue, 4 * engine.config.num_slots))
+
+
+def run_windowed(items: Iterable, submit: Callable, read: Callable, window: int,
+                 on_done: Callable[[int], None] | None = None) -> Iterator:
+    """`read(item, submit(item))` for each item, in order, with at most `window` submitted and unread at once
+    (so a long job never fills the engine's queue); whatever is left queued on an error is cancelled."""
     pending: collections.deque = collections.deque()
+
+    def oldest():
+        item, handle = pending[0]
+        out = read(item, handle)
+        pending.popleft()
+        if on_done:
+            on_done(1)
+        return out
+
     try:
-        for pair in pairs:
-            pending.append((pair, _submit(engine, pair, adapter)))
+        for item in items:
+            pending.append((item, submit(item)))
             if len(pending) >= window:
-                yield _read(*pending.popleft())
-                if on_done:
-                    on_done(1)
+                yield oldest()
         while pending:
-            yield _read(*pending.popleft())
-            if on_done:
-                on_done(1)
+            yield oldest()
     finally:
         for _, handle in pending:
             handle.cancel()
