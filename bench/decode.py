@@ -1,4 +1,5 @@
-"""Batch-1 latency of the default model: load time, 512-token prefill, greedy decode tokens/s.
+"""Batch-1 latency of the default model: load time, 512-token prefill, greedy decode tokens/s; with --families,
+each model family's decode step on a tiny random config against HF transformers' in the same run.
 
 jaxgen (the pure `prefill` + jitted `decode` with the cache donated, kv_len bucket 1024) against HF
 transformers `generate` (the same GGUF, greedy, EOS ignored) in the same run, for each dtype; and each
@@ -10,6 +11,11 @@ Decode tokens/s is 1 / the median step time for both (each of HF's steps is stam
 
     python bench/decode.py [--dtypes float32,bfloat16] [--new-tokens 64] [--prompt-tokens 512]
                            [--kv-len 1024] [--repeats 3] [--skip-hf]
+    python bench/decode.py --families [--new-tokens 64]
+
+--families builds each family's tiny random HF model (tests/conftest.py's fixtures: d = 64, 2 layers, 6 for
+Gemma 3), loads it with our HF-directory loader and with transformers, and times both greedy decodes of the
+same 64-token prompt at batch 1 (median step; a regression guard, not a race), checking the tokens agree.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import numpy as np  # noqa: E402
 
 import jaxgen  # noqa: E402
 from jaxgen.models import llama  # noqa: E402
+from jaxgen.models.family import family_for  # noqa: E402
 from jaxgen.models.loading import default_model_path  # noqa: E402
 
 TEXT = ("The history of astronomy is the story of how people learned to read the sky, from the first "
@@ -89,9 +96,20 @@ def prefill_first_token(params, cfg, tokens, lengths):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
 def greedy_step(params, cfg, cache, tokens, positions, kv_len):
-    """One decode step with the argmax on device: (next tokens [S], cache)."""
-    logits, cache = llama.decode(params, cfg, cache, tokens, positions, kv_len)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+    """One decode step of cfg's family (tokens, positions [S]) with the argmax on device: (next tokens [S], cache)."""
+    family = family_for(cfg)
+    hidden, cache = family.forward(params, cfg, cache, tokens[:, None], positions[:, None], kv_len)
+    return jnp.argmax(family.lm_logits(params, cfg, hidden[:, 0]), axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
+def prompt_into_cache(params, cfg, cache, tokens, kv_len):
+    """cfg's family forward of one prompt tokens [1, T] from position 0 into the cache row 0, and the greedy
+    first token: (token [1], cache)."""
+    family = family_for(cfg)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    hidden, cache = family.forward(params, cfg, cache, tokens, positions, kv_len)
+    return jnp.argmax(family.lm_logits(params, cfg, hidden[:, -1]), axis=-1).astype(jnp.int32), cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -137,6 +155,51 @@ def run_jaxgen(dtype, prompt_len: int, new_tokens: int, kv_len: int, repeats: in
                 compile_decode_s=compile_decode_s, step_s=statistics.median(step_times),
                 decode_tok_s=(new_tokens - 1) / loop_s, tokens=out, prompt=prompt,
                 param_bytes=param_bytes, kv_bytes=kv_bytes, temp_bytes=temp_bytes)
+
+
+def run_family_decode(directory: str, prompt: list[int], new_tokens: int, kv_len: int = 128) -> dict:
+    """Our greedy decode of `prompt` for the model in `directory` (HF loader, float32): median step time, tokens."""
+    llm = jaxgen.load(directory, dtype=jnp.float32)
+    params, cfg = llm.params, llm.cfg
+    cache = family_for(cfg).init_cache(cfg, 1, kv_len, jnp.float32)
+    tok, cache = prompt_into_cache(params, cfg, cache, jnp.asarray([prompt], jnp.int32), kv_len)
+    out, times = [int(tok[0])], []
+    step = greedy_step.lower(params, cfg, cache, tok, jnp.asarray([len(prompt)], jnp.int32), kv_len).compile()
+    for i in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        tok, cache = step(params, cache, tok, jnp.asarray([len(prompt) + i], jnp.int32))
+        out.append(int(tok[0]))
+        times.append(time.perf_counter() - t0)
+    return dict(step_s=statistics.median(times), tokens=out, family=family_for(cfg).name)
+
+
+def run_families(new_tokens: int, repeats: int) -> None:
+    """Each family's tiny model: our decode step against HF `generate`'s, in this run."""
+    import sys
+    import tempfile
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from conftest import build_tiny_hf_model
+
+    tag = f"[{machine()}]"
+    print(f"machine: {machine()}; HF transformers {transformers.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.2f}")
+    prompt = np.random.default_rng(0).integers(3, 384, 64).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
+            directory = build_tiny_hf_model(os.path.join(tmp, arch), arch)
+            j = run_family_decode(directory, prompt, new_tokens)
+            model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                                       attn_implementation="eager").eval()
+            model.generation_config.eos_token_id = None
+            h = run_hf(model, "float32", prompt, new_tokens, repeats)
+            same = "identical" if j["tokens"] == h["tokens"] else "DIFFER"
+            print(f"{arch:12s} ({j['family']:6s}) decode step: jaxgen {j['step_s'] * 1e3:6.2f} ms | HF generate "
+                  f"{h['step_s'] * 1e3:6.2f} ms | HF/jaxgen {h['step_s'] / j['step_s']:5.1f}x | greedy tokens {same}"
+                  f"  {tag}")
 
 
 # ------------------------------------------------------------------ HF transformers
@@ -222,7 +285,11 @@ def main():
     ap.add_argument("--kv-len", type=int, default=1024, help="cache length and static attention bucket")
     ap.add_argument("--repeats", type=int, default=3, help="timed prefills (median)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--families", action="store_true", help="each family's tiny model against HF, then exit")
     args = ap.parse_args()
+    if args.families:
+        run_families(args.new_tokens, args.repeats)
+        return
     if args.prompt_tokens + args.new_tokens > args.kv_len:
         ap.error("--prompt-tokens + --new-tokens must fit in --kv-len")
 
