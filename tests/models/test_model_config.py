@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -133,3 +134,37 @@ def test_unsupported_rope_type(rope_type):
 def test_heads_not_multiple_of_kv_heads():
     with pytest.raises(ModelLoadError, match="num_kv_heads"):
         ModelConfig.from_hf({"model_type": "llama", **SMALL, "num_key_value_heads": 3})
+
+
+FAMILY_REFUSALS = {
+    "qwen3 sliding layers": ("qwen3", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    "qwen3 biases": ("qwen3", {"attention_bias": True}, "attention_bias"),
+    "gemma2 activation": ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+    "gemma3 bidirectional": ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    "gemma3 local RoPE scaling": ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}, "sliding layers"),
+    "gemma3 chunked layers": ("gemma3_text", {"layer_types": ["chunked_attention"] * 3}, "chunked_attention"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_REFUSALS))
+def test_family_features_not_implemented_are_refused_by_name(name):
+    """A config feature a family does not compute is a ModelLoadError naming it (the dict as config.json has it)."""
+    model_type, overrides, needle = FAMILY_REFUSALS[name]
+    raw = {"model_type": model_type, **SMALL, "head_dim": 32, **overrides}
+    with pytest.raises(ModelLoadError, match=re.escape(needle)):
+        ModelConfig.from_hf(raw)
+
+
+def test_gemma_config_defaults_follow_hf():
+    """Keys a Gemma config.json leaves out take transformers' class defaults (Gemma 2's soft-caps, windows)."""
+    for model_type, cls in (("gemma2", transformers.Gemma2Config), ("gemma3_text", transformers.Gemma3TextConfig)):
+        cfg = ModelConfig.from_hf({"model_type": model_type, **SMALL, "head_dim": 32})
+        hc = cls(**SMALL, head_dim=32)
+        assert cfg.extra.attn_logit_softcapping == hc.attn_logit_softcapping
+        assert cfg.extra.final_logit_softcapping == hc.final_logit_softcapping
+        assert cfg.extra.query_pre_attn_scalar == hc.query_pre_attn_scalar
+        assert cfg.extra.sliding_layers == tuple(t == "sliding_attention" for t in hc.layer_types)
+        assert cfg.sliding_window == hc.sliding_window and cfg.tie_word_embeddings == hc.tie_word_embeddings
+        assert ModelConfig.from_hf(hf_config_dict(hc)) == cfg
