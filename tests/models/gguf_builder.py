@@ -152,3 +152,19 @@ def add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
     writer.add_add_bos_token(False)
     if "chat_template" in tok_config:
         writer.add_chat_template(tok_config["chat_template"])
+
+
+def assert_reads_back(name: str, reader: gguf.GGUFReader, cfg, expected: dict[str, np.ndarray]) -> None:
+    """Our GGUF loader's params for `cfg` equal, bit for bit, those built from `expected` (what `write_gguf`
+    returned): every tensor found, un-permuted and un-shifted exactly."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen.models.gguf_loader import hf_tensor_getter
+    from jaxgen.models.weights import params_from_hf
+
+    ours = params_from_hf(cfg, hf_tensor_getter(reader, cfg), jnp.float32)
+    ref = params_from_hf(cfg, expected.__getitem__, jnp.float32)
+    assert jax.tree.structure(ours) == jax.tree.structure(ref)
+    for (key, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name}: {jax.tree_util.keystr(key)} differs"

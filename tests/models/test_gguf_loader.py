@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,12 +56,7 @@ def test_params_equal_dequantized_originals(gguf_case):
     reader = open_gguf(path)
     types = {t.tensor_type.name for t in reader.tensors}
     assert {"F32", "Q8_0", "Q4_1"} <= types
-    cfg = config_from_gguf(reader)
-    ours = params_from_hf(cfg, hf_tensor_getter(reader, cfg), jnp.float32)
-    ref = params_from_hf(cfg, expected.__getitem__, jnp.float32)
-    assert jax.tree.structure(ours) == jax.tree.structure(ref)
-    for (key, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
-        assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name}: {jax.tree_util.keystr(key)} differs"
+    gb.assert_reads_back(name, reader, config_from_gguf(reader), expected)
 
 
 def test_f32_gguf_logits_match_hf(make_tiny_hf_model, tmp_path):
