@@ -64,12 +64,12 @@ def main() -> None:
 
     from lm_eval.models.huggingface import HFLM
 
-    from jaxgen.eval import JaxgenLM
+    from jaxgen.eval import EVAL_CHUNK, JaxgenLM
     from jaxgen.models.loading import default_model_path
 
     pairs = workload(args.contexts)
     print(f"machine: {machine()}")
-    config = EngineConfig(num_slots=args.batch, max_len=512, seed=0,
+    config = EngineConfig(num_slots=args.batch, max_len=512, seed=0, chunk=EVAL_CHUNK,
                           executable_cache=os.path.join(cache_root(), "executables"))
     llm = jaxgen.load(engine_config=config)
     start = time.perf_counter()

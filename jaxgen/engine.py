@@ -48,7 +48,8 @@ from .prefix import Match, PrefixIndex, chunk_end
 from .stops import StopStringMatcher
 
 MIN_KV_BUCKET = 128
-PREFILL_ROW_BUCKETS = (1, 2, 4, 8)  # prompt chunks per prefill call (padded up to one of these)
+PREFILL_ROW_BUCKETS = (1, 2, 4, 8, 16, 32)  # prompt chunks per prefill call (padded up to one of these)
+MIN_PREFILL_ROWS = 64  # token rows of a prefill call: fewer round differently on XLA CPU (see row_buckets)
 SHORT_PROMPT_CHUNKS = 2  # prompts with at most this many chunks left are not held back for running streams
 MIN_DECODE_ROWS_GEMM = 8  # decode batches of 2..8 rows run as 8 (one rounding class; see row_buckets)
 
@@ -328,9 +329,12 @@ class Engine:
         return kv if not score else sorted({next((k for k in kv if k >= 512), kv[-1]), kv[-1]})
 
     def prefill_row_buckets(self) -> list[int]:
-        """Chunks per prefill call, up to what the budget allows."""
-        most = self.config.prefill_budget // self.config.chunk
-        return [b for b in PREFILL_ROW_BUCKETS if b <= most] or [1]
+        """Chunks per prefill call, up to what the budget allows; short chunks come at least MIN_PREFILL_ROWS
+        tokens to a call, so a chunk's bits never depend on how many others share it."""
+        chunk = self.config.chunk
+        most = self.config.prefill_budget // chunk
+        least = min(most, -(-MIN_PREFILL_ROWS // chunk))
+        return [b for b in PREFILL_ROW_BUCKETS if least <= b <= most] or [most]
 
     def _covering_keys(self) -> set[tuple]:
         """The programs that can run any workload on their own (the largest decode; one-chunk prefills at the

@@ -28,6 +28,7 @@ from .scoring import queue_window, run_windowed, score_token_pairs, truncate_lef
 GEN_KWARGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
               "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
               "frequency_penalty": "frequency_penalty"}
+EVAL_CHUNK = 16  # prompt chunk of an evaluation engine: a continuation of a few tokens pads to 16, not 64
 JAX_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "tpu": "tpu"}
 
 
@@ -59,15 +60,17 @@ class JaxgenLM(TemplateLM):
                  max_gen_toks: int = 256, batch_size: Any = None, max_batch_size: Any = None,
                  device: str | None = None, peft: str | None = None, lora: str | None = None,
                  num_slots: int | None = None, max_len: int | None = None, prefix_cache: bool = True,
-                 seed: int = 0, add_bos_token: bool | None = None, llm: LLM | None = None):
+                 chunk: int = EVAL_CHUNK, seed: int = 0, add_bos_token: bool | None = None, llm: LLM | None = None):
         """`path`: GGUF, HF directory or checkpoint (default: the bundled model); `lora`: an HF PEFT adapter
         directory to evaluate with; `num_slots`/`max_len`: the engine's sizes (`batch_size` sets the slots when
-        `num_slots` is not given); `llm`: evaluate an already loaded model instead (its engine as configured)."""
+        `num_slots` is not given); `chunk`: prompt chunk length (short, since evaluation prompts end in short
+        pieces: a context's tail, a continuation); `llm`: evaluate an already loaded model instead (its engine as
+        configured)."""
         super().__init__()
         check_device(device)
         if llm is None:
             fields = {"num_slots": num_slots or slots_for(batch_size, max_batch_size), "max_len": max_len,
-                      "prefix_cache": prefix_cache, "seed": seed}
+                      "prefix_cache": prefix_cache, "chunk": chunk, "seed": seed}
             config = dataclasses.replace(EngineConfig(), **{k: v for k, v in fields.items() if v is not None})
             llm = load(path, dtype=dtype, engine_config=config, adapters={"lora": lora} if lora else None)
             peft = "lora" if lora else peft

@@ -34,6 +34,7 @@ def instance(kind: str, args: tuple) -> Instance:
 def test_built_from_model_args(lm):
     assert isinstance(lm, JaxgenLM) and jaxgen.eval.JaxgenLM is JaxgenLM
     assert lm.llm.engine.config.num_slots == 4 and lm.llm.engine.config.max_len == 128  # num_slots wins
+    assert lm.llm.engine.config.chunk == 16 and lm.llm.engine.prefill_row_buckets()[0] * 16 >= 64
     assert lm.max_length == lm.llm.engine.context_limit - 1
     assert (slots_for(8, None), slots_for("auto", None), slots_for("auto:4", 16), slots_for(None, None)) == (8, None, 16, None)
     with pytest.raises(ValueError, match="batch_size"):

@@ -70,18 +70,23 @@ def test_greedy_flag_is_the_argmax_continuation(llm):
     assert scores.greedy.tolist() == [reference(llm, context, c)[1] for c in (greedy, other, greedy[:1])]
 
 
-def test_cached_contexts_give_the_same_bits_and_run_once(tiny_llm, llm):
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_cached_contexts_give_the_same_bits_and_run_once(tiny_llm, chunk):
     """Scored twice (the second time every context is cached) and on a fresh engine: the same bits; shared
-    contexts run once (each further continuation reruns only the context's last token)."""
+    contexts run once (each further continuation reruns only the context's last token). With 16-token chunks
+    too, whose calls take four or more chunks (a lone one would round differently)."""
     pairs = mc_pairs(np.random.default_rng(1))
-    before = llm.engine.stats()["prefill_tokens_total"]
-    first = llm.score(pairs)
-    ran = llm.engine.stats()["prefill_tokens_total"] - before
-    contexts = {tuple(c) for c, _ in pairs}
-    assert ran == sum(len(c) for c in contexts) + sum(len(x) for _, x in pairs) + len(pairs) - len(contexts)
-    again = llm.score(pairs)
-    with engine_llm(tiny_llm) as fresh:
+    with engine_llm(tiny_llm, chunk=chunk) as llm, engine_llm(tiny_llm, chunk=chunk) as fresh:
+        before = llm.engine.stats()["prefill_tokens_total"]
+        first = llm.score(pairs)
+        ran = llm.engine.stats()["prefill_tokens_total"] - before
+        contexts = {tuple(c) for c, _ in pairs}
+        assert ran == sum(len(c) for c in contexts) + sum(len(x) for _, x in pairs) + len(pairs) - len(contexts)
+        again = llm.score(pairs)
+        alone = [fresh.score([pair]) for pair in pairs[:3]]  # one at a time: calls of one chunk and padding
         cold = fresh.score(pairs)
+    for a, b in zip(first.token_logprobs, [x.token_logprobs[0] for x in alone]):
+        assert a.tobytes() == b.tobytes()
     for other in (again, cold):
         for a, b in zip(first.token_logprobs, other.token_logprobs):
             assert a.tobytes() == b.tobytes()
