@@ -13,7 +13,7 @@ from typing import Callable
 
 from jaxgen.errors import ModelLoadError
 
-from . import gemma, gguf_loader, layers, llama, qwen3
+from . import gemma, gguf_loader, layers, llama, lora, phi3, qwen3
 from .config import ModelConfig
 
 
@@ -34,6 +34,7 @@ class Family:
     gguf_tensors: tuple[tuple[str, str], ...] = ()  # GGUF -> HF names beyond (or replacing) the Llama table
     gguf_fix: Callable | None = None  # (hf_name, array) -> array: undo what llama.cpp's converter changed
     fields: type | None = None  # the dataclass in `ModelConfig.extra` (with `from_dict`), None if none
+    lora_targets: tuple[str, ...] = lora.TARGETS  # the HF module names a LoRA adapter may target
 
 
 LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, layers.init_cache,
@@ -48,7 +49,11 @@ GEMMA = Family("gemma", gemma.ARCHITECTURES, gemma.forward, gemma.lm_logits, lay
                gguf_architectures=(("gemma2", "gemma2"), ("gemma3", "gemma3_text")),
                config_from_gguf=gemma.config_from_gguf, gguf_tensors=gemma.GGUF_TENSORS, gguf_fix=gemma.gguf_fix,
                fields=gemma.GemmaFields)
-FAMILIES = (LLAMA, QWEN3, GEMMA)
+PHI3 = Family("phi3", ("phi3",), phi3.forward, llama.lm_logits, phi3.init_cache, llama.init_params,
+              phi3.config_from_hf, phi3.layer_from_hf, gguf_architectures=(("phi3", "phi3"),),
+              config_from_gguf=phi3.config_from_gguf, gguf_tensors=phi3.GGUF_TENSORS, fields=phi3.Phi3Fields,
+              lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+FAMILIES = (LLAMA, QWEN3, GEMMA, PHI3)
 
 
 def supported() -> str:

@@ -38,6 +38,14 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 MODULE_PATH = {t: ("self_attn." if t in GROUPS["qkv"] + GROUPS["o"] else "mlp.") + t for t in TARGETS}
+ATTENTION_TARGETS = GROUPS["qkv"] + GROUPS["o"]
+# Modules that are one fused projection in the checkpoint (Phi-3): read as their members, A shared by all of
+# them and B cut by output columns (q, k, v rows of qkv_proj; gate, then up, of gate_up_proj), so they stack as
+# any other adapter's.
+FUSED_TARGETS = {"qkv_proj": GROUPS["qkv"], "gate_up_proj": GROUPS["gate_up"]}
+FUSED_PATH = {"qkv_proj": "self_attn.qkv_proj", "gate_up_proj": "mlp.gate_up_proj"}
+# Names of MoE expert and router modules (Mixtral's w1/w2/w3 and gate, Qwen3-MoE's experts and gate).
+EXPERT_MODULES = ("experts", "block_sparse_moe", "gate", "w1", "w2", "w3")
 MAX_LORA_RANK = 256
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -81,8 +89,18 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _check_config(config: dict, directory: str) -> None:
-    """Refuse, with the reason, every adapter option that would make our output differ from PEFT's."""
+def _unsupported_target(where: str, module: str, targets: Sequence[str]) -> ModelLoadError:
+    """The error for a target module the base model's family does not take (MoE experts named as such)."""
+    if module in EXPERT_MODULES or (module in TARGETS and tuple(targets) == ATTENTION_TARGETS):
+        return ModelLoadError(f"{where}: LoRA on the MoE experts or router ({module}) is not supported; supported "
+                              f"target modules: {', '.join(targets)}")
+    return ModelLoadError(f"{where}: target module {module!r} is not supported; supported target modules: "
+                          f"{', '.join(targets)}")
+
+
+def _check_config(config: dict, directory: str, supported: Sequence[str] = TARGETS) -> None:
+    """Refuse, with the reason, every adapter option that would make our output differ from PEFT's; `supported`:
+    the module names the base model's family takes."""
     where = f"LoRA adapter {directory}"
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
@@ -97,10 +115,9 @@ def _check_config(config: dict, directory: str) -> None:
             name = str(t).rsplit(".", 1)[-1]
             if name in ("lm_head", "embed_tokens"):
                 raise ModelLoadError(f"{where}: LoRA on {name} is not supported; supported target modules: "
-                                     f"{', '.join(TARGETS)}")
-            if name not in TARGETS:
-                raise ModelLoadError(f"{where}: target module {t!r} is not supported; supported target modules: "
-                                     f"{', '.join(TARGETS)}")
+                                     f"{', '.join(supported)}")
+            if name not in supported:
+                raise _unsupported_target(where, name, supported)
     # A string (a regex, or "all-linear") is checked against the tensors actually saved, in `load_adapter`.
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
@@ -108,8 +125,12 @@ def _check_config(config: dict, directory: str) -> None:
 
 
 def load_adapter(directory: str | os.PathLike, cfg: ModelConfig, max_rank: int = MAX_LORA_RANK) -> LoraAdapter:
-    """Read and check an HF PEFT LoRA directory against the base model `cfg`; ModelLoadError says what is wrong."""
+    """Read and check an HF PEFT LoRA directory against the base model `cfg`; ModelLoadError says what is wrong.
+    The modules it may target are the family's (`Family.lora_targets`); fused ones are read as their members."""
+    from .family import family_for
 
+    targets = family_for(cfg).lora_targets
+    paths = {**MODULE_PATH, **FUSED_PATH}
     directory = os.fspath(directory)
     where = f"LoRA adapter {directory}"
     if not os.path.isdir(directory):
@@ -122,7 +143,7 @@ def load_adapter(directory: str | os.PathLike, cfg: ModelConfig, max_rank: int =
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{where}: cannot read {CONFIG_FILE}: {e}") from e
-    _check_config(config, directory)
+    _check_config(config, directory, targets)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(weights_path):
         raise ModelLoadError(f"{where}: no {WEIGHTS_FILE} (adapter_model.bin is not supported; save with "
@@ -134,18 +155,20 @@ def load_adapter(directory: str | os.PathLike, cfg: ModelConfig, max_rank: int =
         if m is None:
             if "lm_head" in name or "embed_tokens" in name:
                 raise ModelLoadError(f"{where}: LoRA on lm_head or embed_tokens is not supported ({name})")
+            if ".experts." in name or ".block_sparse_moe." in name:
+                raise _unsupported_target(where, "experts", targets)
             raise ModelLoadError(f"{where}: unsupported tensor {name}; supported target modules: "
                                  f"{', '.join(TARGETS)} (lora_A / lora_B weights only)")
         layer, part, module, ab = int(m[1]), m[2], m[3], m[4]
-        if module not in TARGETS or MODULE_PATH[module] != f"{part}.{module}":
-            raise ModelLoadError(f"{where}: target module {part}.{module} is not supported; supported target "
-                                 f"modules: {', '.join(TARGETS)}")
+        if module not in targets or paths[module] != f"{part}.{module}":
+            raise _unsupported_target(where, module if module in targets else f"{part}.{module}", targets)
         if layer >= cfg.num_layers:
             raise ModelLoadError(f"{where}: has layer {layer} but the base model has {cfg.num_layers} layers")
         tensors.setdefault((layer, module), {})[ab] = np.asarray(handle.get_tensor(name), np.float32)
     if not tensors:
         raise ModelLoadError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
     shapes = target_shapes(cfg)
+    shapes.update({f: (shapes[m[0]][0], sum(shapes[n][1] for n in m)) for f, m in FUSED_TARGETS.items()})
     weights, rank = {}, 0
     for (layer, module), pair in sorted(tensors.items()):
         if set(pair) != {"A", "B"}:
@@ -158,10 +181,14 @@ def load_adapter(directory: str | os.PathLike, cfg: ModelConfig, max_rank: int =
                                  f"base model needs [r, {fan_in}] and [{fan_out}, r] (an adapter for another model?)")
         if r > max_rank:
             raise ModelLoadError(f"{where}: rank {r} ({module}) is larger than the largest supported rank {max_rank}")
-        full_name = f"model.layers.{layer}.{MODULE_PATH[module]}"
+        full_name = f"model.layers.{layer}.{paths[module]}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, full_name, config["lora_alpha"])
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        weights[(layer, module)] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T * np.float32(scaling)))
+        a, b = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T * np.float32(scaling))
+        members = FUSED_TARGETS.get(module, (module,))
+        cuts = np.cumsum([shapes[m][1] for m in members])[:-1]
+        for member, b_part in zip(members, np.split(b, cuts, axis=1)):  # B [r, out] by the members' columns
+            weights[(layer, member)] = (a, np.ascontiguousarray(b_part))
         rank = max(rank, r)
     return LoraAdapter(directory, rank, weights)
 

@@ -107,17 +107,23 @@ TINY_ARCH = {
                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                                             "rope_theta": 1_000_000.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    # LongRoPE switching to its long factors past 32 positions (prompts of 40 run both regimes), a window of 16.
+    "phi3": dict(sliding_window=16, original_max_position_embeddings=32,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0,
+                                  "short_factor": [1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0],
+                                  "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]}),
 }
 
 
 def tiny_hf_config(arch: str = "llama", **overrides):
     """A transformers config for a 2-layer, d=64, 4-head (2 KV heads) model of `arch` (llama, mistral, qwen2,
-    qwen3, gemma2, gemma3_text)."""
+    qwen3, gemma2, gemma3_text, phi3)."""
     import transformers
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-               "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}
+               "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
+               "phi3": transformers.Phi3Config}
     if arch not in classes:
         raise ValueError(f"no tiny config for {arch!r}")
     kwargs = {**TINY_BASE, **TINY_ARCH.get(arch, {}), **overrides}

@@ -48,7 +48,8 @@ GEMMA3_TEMPLATE = (
     "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
 FAMILIES = {"qwen3": ("qwen3", {}), "gemma2": ("gemma2", {"chat_template": GEMMA2_TEMPLATE}),
-            "gemma3": ("gemma3_text", {"chat_template": GEMMA3_TEMPLATE})}
+            "gemma3": ("gemma3_text", {"chat_template": GEMMA3_TEMPLATE}), "phi3": ("phi3", {})}
+ATTENTION = {"phi3": ["qkv_proj", "o_proj"]}  # each family's attention modules, where not q, k, v, o_proj
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["name", "age"]}
@@ -68,7 +69,7 @@ def served(request, make_tiny_hf_model, tmp_path_factory, compile_counter):
     adapter = tmp_path_factory.mktemp(f"lora-{request.param}")
     peft.get_peft_model(mo.hf_load(directory), peft.LoraConfig(
         task_type="CAUSAL_LM", init_lora_weights=False, r=4, lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).save_pretrained(adapter)
+        target_modules=ATTENTION.get(request.param, ["q_proj", "k_proj", "v_proj", "o_proj"]))).save_pretrained(adapter)
     llm = jaxgen.load(directory, dtype=jnp.float32, engine_config=ENGINE)
     llm.load_adapter("a", adapter)
     llm.engine.warmup()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -114,11 +115,20 @@ NORM_SHIFTED = ("gemma2", "gemma3")
 
 def add_family_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
     """The architecture's own keys, as llama.cpp's converter writes them (Gemma 2's soft-caps and window,
-    Gemma 3's window and the global layers' linear RoPE scaling)."""
+    Gemma 3's window and the global layers' linear RoPE scaling, Phi-3's window and LongRoPE)."""
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_sliding_window(config["sliding_window"])
+    elif arch == "phi3":  # Phi3MiniModel: a window of 0 is none; LongRoPE factors as two tensors
+        writer.add_sliding_window(config.get("sliding_window") or 0)
+        rope, orig = config["rope_parameters"], config["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(orig)
+        if rope.get("long_factor"):
+            scale = config["max_position_embeddings"] / orig
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+            for kind in ("long", "short"):
+                writer.add_tensor(f"rope_factors_{kind}.weight", np.asarray(rope[f"{kind}_factor"], np.float32))
     elif arch == "gemma3":
         writer.add_sliding_window(config["sliding_window"])
         rope = config["rope_parameters"]["full_attention"]

@@ -52,13 +52,29 @@ def hf_load(path: str | os.PathLike):
     return model
 
 
+def longrope_switch(model) -> int | None:
+    """original_max_position_embeddings of a LongRoPE model (None for any other): the sequence length past which
+    transformers rotates every position with the long factors."""
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+
+
 def hf_logits(model, ids) -> np.ndarray:
-    """float32 logits [T, V] of one prompt."""
+    """float32 logits [T, V] of one prompt, each position's as HF computes it for the sequence ending there.
+
+    That is one forward's, except for a LongRoPE model over a prompt past its switch: one forward then rotates
+    every position with the long factors, while the sequence ending before the switch used the short ones (and
+    `generate` recomputes its cache at the switch); positions before it come from that shorter forward.
+    """
     import torch
 
-    with torch.no_grad():
-        out = model(torch.tensor([list(ids)], dtype=torch.long)).logits
-    return out[0].float().numpy()
+    def forward(ids):
+        with torch.no_grad():
+            return model(torch.tensor([list(ids)], dtype=torch.long)).logits[0].float().numpy()
+    switch = longrope_switch(model)
+    if switch is None or len(ids) <= switch:
+        return forward(ids)
+    return np.concatenate([forward(ids[:switch]), forward(ids)[switch:]])
 
 
 def hf_greedy(model, ids, n: int) -> list[int]:

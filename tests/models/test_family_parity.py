@@ -50,6 +50,8 @@ def no_windows(cfg, params):
 
 
 QK_NORM = {"qk-norm": drop_layer_keys("q_norm", "k_norm")}
+FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's modules
+PLAIN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}}
 # name: (arch, config overrides, {feature: how to turn it off, (cfg, params) -> (cfg, params)}, LoRA targets,
 #        whether a GGUF file can hold it)
 CASES = {
@@ -63,6 +65,11 @@ CASES = {
     "gemma3": ("gemma3_text", {}, {**QK_NORM, "windows": no_windows, "local RoPE": replace_extra(local_rope_theta=None),
                                    "global RoPE scaling": lambda cfg, p: (dataclasses.replace(cfg, rope_scaling=None), p)},
                ATTENTION, True),
+    "phi3": ("phi3", {}, {"windows": no_windows, "LongRoPE": replace_extra(short_factor=None, long_factor=None),
+                          "long factors": lambda cfg, p: replace_extra(long_factor=cfg.extra.short_factor)(cfg, p)},
+             FUSED, True),
+    "phi3_plain_tied": ("phi3", {**PLAIN_ROPE, "sliding_window": None, "tie_word_embeddings": True}, {}, FUSED[:2],
+                        True),
 }
 
 
@@ -88,7 +95,8 @@ def test_config_read(case):
     assert family_for(cfg).name in name
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.vocab_size) == (hc.num_hidden_layers, hc.hidden_size, hc.intermediate_size, hc.num_attention_heads,
-                                hc.num_key_value_heads, hc.head_dim, hc.vocab_size)
+                                hc.num_key_value_heads, getattr(hc, "head_dim", None) or hc.hidden_size //
+                                hc.num_attention_heads, hc.vocab_size)
     assert cfg.tie_word_embeddings == hc.tie_word_embeddings == ("lm_head" not in params)
     assert cfg.rms_norm_eps == hc.rms_norm_eps
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -116,7 +116,7 @@ def test_llama3_without_original_max_position_embeddings():
     np.testing.assert_allclose(ours.rope_inv_freq(), hf_inv_freq(hc), rtol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "gemma", "phi3", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma", "phimoe", "qwen2_moe"])
 def test_unsupported_model_type(model_type, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **SMALL}))
     with pytest.raises(ModelLoadError, match=f"unsupported architecture '{model_type}'"):
@@ -145,6 +145,10 @@ FAMILY_REFUSALS = {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}, "sliding layers"),
     "gemma3 chunked layers": ("gemma3_text", {"layer_types": ["chunked_attention"] * 3}, "chunked_attention"),
+    "phi3 partial rotary": ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    "phi3 dynamic RoPE": ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+    "phi3 LongRoPE factors": ("phi3", {"rope_scaling": {"type": "su", "short_factor": [1.0] * 3,
+                                                        "long_factor": [2.0] * 3}}, "16 values each"),
 }
 
 
@@ -168,3 +172,22 @@ def test_gemma_config_defaults_follow_hf():
         assert cfg.extra.sliding_layers == tuple(t == "sliding_attention" for t in hc.layer_types)
         assert cfg.sliding_window == hc.sliding_window and cfg.tie_word_embeddings == hc.tie_word_embeddings
         assert ModelConfig.from_hf(hf_config_dict(hc)) == cfg
+
+
+def test_phi3_longrope_follows_hf():
+    """Phi-3's LongRoPE as transformers reads it: the old `rope_scaling` "su" layout and the top-level
+    original_max_position_embeddings; the attention factor from max / original positions; factors in float32."""
+    factors = {"short_factor": [1.0 + i / 10 for i in range(16)], "long_factor": [1.0 + i for i in range(16)]}
+    raw = {"model_type": "phi3", **SMALL, "max_position_embeddings": 4096, "original_max_position_embeddings": 256,
+           "rope_scaling": {"type": "su", **factors}}
+    cfg = ModelConfig.from_hf(raw)
+    new_layout = {k: v for k, v in raw.items() if k != "rope_scaling"} | {
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, **factors}}
+    hc = transformers.Phi3Config(**{k: v for k, v in new_layout.items() if k != "model_type"} | {
+        "rope_parameters": {**new_layout["rope_parameters"], "original_max_position_embeddings": 256}})
+    rope = hc.rope_parameters
+    assert rope["rope_type"] == "longrope" and cfg.extra.original_max_position_embeddings == 256
+    assert cfg.extra.long_factor == tuple(np.float32(rope["long_factor"]).tolist())
+    _, attention_factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](hc)
+    assert cfg.extra.attention_factor == float(np.float32(attention_factor))
+    assert ModelConfig.from_hf(new_layout) == cfg
