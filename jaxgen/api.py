@@ -18,6 +18,7 @@ from jaxgen.models import lora as lora_lib
 from jaxgen.models.checkpoint import save_checkpoint
 from jaxgen.models.family import family_for
 from jaxgen.models.loading import load_model
+from jaxgen.models.sharding import Layout, from_run_layout, layout_for, place_lora
 
 from jaxgen.sampling import SamplingParams
 
@@ -77,8 +78,11 @@ class LLM:
     """A loaded model with its tokenizer; generation runs through the engine it owns (created on first use)."""
 
     def __init__(self, cfg, params, tokenizer, *, model_id: str, path: str | None = None,
-                 engine_config: EngineConfig = EngineConfig(), prompt_log: str | None = None):
+                 engine_config: EngineConfig = EngineConfig(), prompt_log: str | None = None,
+                 layout: Layout | None = None):
+        """`layout`: the mesh `params` were placed on (`models.sharding.layout_for`; None: one device)."""
         self.cfg = cfg
+        self.layout = layout or layout_for(cfg)
         self.params = params
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -96,7 +100,8 @@ class LLM:
         """The continuous-batching engine, started on first use."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.cfg, self.params, self.tokenizer, self.engine_config, lora=self.lora)
+                self._engine = Engine(self.cfg, self.params, self.tokenizer, self.engine_config, lora=self.lora,
+                                      layout=self.layout)
             return self._engine
 
     def load_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
@@ -111,7 +116,8 @@ class LLM:
                 raise ModelLoadError(f"cannot load adapter {adapter_id!r}: the engine has started; load every "
                                      "LoRA adapter before the first request (or pass adapters= to jaxgen.load)")
             adapter = lora_lib.load_adapter(path, self.cfg)
-            self.lora = lora_lib.stack_adapters(self.cfg, [*self.adapters.values(), adapter], self.dtype)
+            self.lora = place_lora(lora_lib.stack_adapters(self.cfg, [*self.adapters.values(), adapter], self.dtype),
+                                   self.cfg, self.layout)
             self.adapters[adapter_id] = adapter
             self.adapter_ids.append(adapter_id)
 
@@ -338,7 +344,8 @@ class LLM:
         padded = np.zeros((1, bucket_for(ids.size, self.cfg.max_position_embeddings)), np.int32)
         padded[0, : ids.size] = ids
         lora = () if self.lora is None else (self.lora, jnp.array([adapter], jnp.int32))  # none: the plain program
-        out = all_logits(self.params, self.cfg, jnp.asarray(padded), jnp.array([ids.size], jnp.int32), *lora)
+        out = all_logits(self.params, self.layout.run_config(self.cfg), jnp.asarray(padded),
+                         jnp.array([ids.size], jnp.int32), *lora)
         return np.asarray(out[0, : ids.size])
 
     @property
@@ -370,7 +377,7 @@ class LLM:
 
     def save(self, directory: str) -> None:
         """Write an Orbax checkpoint (params, config, tokenizer) that `jaxgen.load(directory)` restores exactly."""
-        save_checkpoint(directory, self.cfg, self.params, self.tokenizer)
+        save_checkpoint(directory, self.cfg, from_run_layout(self.params, self.cfg, self.layout), self.tokenizer)
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict]:
@@ -426,13 +433,14 @@ def collect_generations(handle, n: int) -> list[Generation]:
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, engine_config: EngineConfig = EngineConfig(),
-         prompt_log: str | None = None, adapters: dict[str, str | os.PathLike] | None = None) -> LLM:
+         prompt_log: str | None = None, adapters: dict[str, str | os.PathLike] | None = None, mesh=None) -> LLM:
     """Load `model` (None: the bundled SmolLM2-135M-Instruct; or a GGUF file, HF directory, jaxgen checkpoint),
-    and the LoRA `adapters` {id: HF PEFT adapter directory} it serves."""
-    cfg, params, tokenizer, path = load_model(model, dtype)
+    and the LoRA `adapters` {id: HF PEFT adapter directory} it serves, sharded on `mesh` ("data=2,model=3",
+    {"model": 3}, a `jax.sharding.Mesh` with axes ("data", "model"); None: one device)."""
+    cfg, params, tokenizer, path = load_model(model, dtype, mesh)
     model_id = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     llm = LLM(cfg, params, tokenizer, model_id=model_id, path=path, engine_config=engine_config,
-              prompt_log=prompt_log)
+              prompt_log=prompt_log, layout=layout_for(cfg, mesh))
     for adapter_id, adapter_path in (adapters or {}).items():
         llm.load_adapter(adapter_id, adapter_path)
     return llm

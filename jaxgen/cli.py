@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora", action="append", default=[], metavar="ID=PATH", type=lora_arg,
                        help="serve the HF PEFT LoRA adapter in directory PATH as model/peft id ID (repeatable)")
     serve.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start-up")
+    serve.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                       help="shard over a D × M device mesh: slots on data, heads, MLP columns and vocabulary on "
+                            "model (D·M devices of those JAX sees; default: one device)")
     serve.add_argument("--allow-additional-properties", action="store_true",
                        help="JSON schemas without additionalProperties accept undeclared keys, as JSON Schema "
                             "says (default: strict, they refuse them)")
@@ -110,8 +113,17 @@ def run_serve(args) -> int:
     config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
                           executable_cache=os.path.join(cache_root(), "executables"),
                           strict_schemas=not args.allow_additional_properties)
-    llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log,
-                      adapters=dict(args.lora))
+    from jaxgen.errors import ModelLoadError
+
+    try:
+        llm = jaxgen.load(args.model, dtype=args.dtype, engine_config=config, prompt_log=args.prompt_log,
+                          adapters=dict(args.lora), mesh=args.mesh)
+        llm.engine  # started now: it checks the mesh against its slots
+    except (ValueError, ModelLoadError) as e:  # a mesh that does not fit the devices, the model or the slots
+        if not args.mesh:
+            raise
+        print(f"error: --mesh {args.mesh}: {e}", file=sys.stderr)
+        return 2
     if not args.no_warmup:
         print("compiling the programs that serve every shape (cached on disk for the next start)...", flush=True)
         start = time.perf_counter()

@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxgen.models import lora as lora_lib
 from jaxgen.models.family import family_for
+from jaxgen.models.sharding import Layout, layout_for, state_shardings
 from jaxgen.sampling import SamplingParams, full_bitmask, make_row, row_key
 
 from . import programs
@@ -174,10 +175,17 @@ def _close_live_engines() -> None:
 class Engine:
     """Continuous batching over `num_slots` slots; `submit` is thread-safe, a daemon thread drives the device."""
 
-    def __init__(self, cfg, params, tokenizer, config: EngineConfig = EngineConfig(), lora=None):
-        """`lora`: stacked LoRA adapters (`models.lora.stack_adapters`), fixed for the engine's life, or None."""
+    def __init__(self, cfg, params, tokenizer, config: EngineConfig = EngineConfig(), lora=None,
+                 layout: Layout | None = None):
+        """`lora`: stacked LoRA adapters (`models.lora.stack_adapters`), fixed for the engine's life, or None.
+        `layout`: the mesh the params (and lora) were placed on (`models.sharding`; None: one device); `cfg` is
+        the model's own config, the engine runs `layout.run_config(cfg)`."""
         if config.chunk < 1 or config.prefill_budget < config.chunk:
             raise ValueError(f"chunk ({config.chunk}) must be >= 1 and <= prefill_budget ({config.prefill_budget})")
+        self.layout = layout or layout_for(cfg)
+        if config.num_slots % self.layout.data:
+            raise ValueError(f"the data axis ({self.layout.data}) must divide the engine's {config.num_slots} slots")
+        cfg = self.layout.run_config(cfg)
         self.cfg, self.params, self.tokenizer, self.config = cfg, params, tokenizer, config
         self.family = family_for(cfg)
         self.lora = lora
@@ -185,13 +193,14 @@ class Engine:
         self.context_limit = min(config.max_len, cfg.max_position_embeddings)
         self.dtype = jax.tree.leaves(params)[0].dtype
         self.state = self._empty_state()
-        self.state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
+        self.state_shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
+                                         state_shardings(self.state, self.layout))
         self.spare = programs.spare_position(self.state)
-        self.bitmask = jnp.asarray(full_bitmask(config.num_slots, cfg.vocab_size))  # every token allowed
+        self.bitmask = self._put(full_bitmask(config.num_slots, cfg.vocab_size))  # every token allowed
         self.bitmask_rows = full_bitmask(config.num_slots, cfg.vocab_size)  # host rows, filled by matchers
         eos = np.zeros(cfg.vocab_size, np.bool_)
         eos[[t for t in tokenizer.eos_token_ids if t < cfg.vocab_size]] = True
-        self.eos_mask = jnp.asarray(eos)
+        self.eos_mask = self._put(eos)
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.key_data = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
         self.choices: list[Choice | None] = [None] * config.num_slots
@@ -353,24 +362,31 @@ class Engine:
         return max(ready, default=1)
 
     def _identity(self) -> str:
-        """Everything besides the sources that a compiled program depends on."""
-        shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), (self.params, self.lora))
+        """Everything besides the sources that a compiled program depends on (shardings and devices included)."""
+        shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype), str(getattr(x, "sharding", None))),
+                              (self.params, self.lora))
+        devices = [(d.id, d.process_index) for d in self.layout.mesh.devices.flat]
         return json.dumps([repr(self.cfg), self.family.name, dataclasses.astuple(self.config)[:2],
-                           self.config.chunk, repr(shapes)])
+                           self.config.chunk, repr(shapes), self.layout.describe(), devices])
+
+    def _put(self, x):
+        """A host array as the programs take their inputs: whole on every device of the mesh."""
+        return jax.device_put(x, self.layout.replicated)
 
     def _lower(self, key: tuple):
         """The `jax.stages.Lowered` of one program key, from the engine's real arguments' shapes."""
         if key[0] == "decode":
             _, rows, kv_len = key
             return programs.decode_step.lower(self.params, self.state_shapes, self.bitmask, self.eos_mask, self.lora,
-                                              family=self.family, cfg=self.cfg, kv_len=kv_len, rows=rows)
+                                              family=self.family, cfg=self.cfg, kv_len=kv_len, rows=rows,
+                                              layout=self.layout)
         _, batch, kv_len, score = key
-        tokens = jax.ShapeDtypeStruct((batch, self.config.chunk), jnp.int32)
-        rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        tokens = jax.ShapeDtypeStruct((batch, self.config.chunk), jnp.int32, sharding=self.layout.replicated)
+        rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=self.layout.replicated)
         adapters = None if self.lora is None else rows
         return programs.prefill_chunks.lower(self.params, self.state_shapes, tokens, tokens, rows, rows, tokens,
                                              self.lora, adapters, family=self.family, cfg=self.cfg, kv_len=kv_len,
-                                             score=score)
+                                             score=score, layout=self.layout)
 
     def _compiling(self) -> bool:
         """Whether programs are still being compiled in the background."""
@@ -387,10 +403,10 @@ class Engine:
         row = make_row(SamplingParams(), [0], row_key(None, 0, self.key_data, 0), self.cfg.vocab_size)
         for batch in self.prefill_row_buckets():
             logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
-            self.state = programs.start_choice(self.state, logits, jnp.int32(0), jnp.int32(0), jnp.int32(0), row,
-                                               jnp.int32(0))
-        self.state = programs.copy_slot(self.state, jnp.int32(0), jnp.int32(0))
-        self.state = programs.release_slot(self.state, jnp.int32(0))
+            self.state = programs.start_choice(self.state, self._put(logits), jnp.int32(0), jnp.int32(0),
+                                               jnp.int32(0), row, jnp.int32(0), layout=self.layout)
+        self.state = programs.copy_slot(self.state, jnp.int32(0), jnp.int32(0), layout=self.layout)
+        self.state = programs.release_slot(self.state, jnp.int32(0), layout=self.layout)
         jax.block_until_ready(self.state)
 
     def _on_compile_error(self, error: BaseException) -> None:
@@ -400,7 +416,7 @@ class Engine:
     def _empty_state(self) -> programs.DecodeState:
         """A fresh decode state: every slot idle, its writes aimed at the spare column."""
         return programs.init_decode_state(self.family, self.cfg, self.config.num_slots, self.config.max_len,
-                                          self.dtype)
+                                          self.dtype, self.layout)
 
     # ---- engine thread
 
@@ -472,7 +488,7 @@ class Engine:
                 self.choices[slot] = None
             self.bitmask_rows[slot] = -1
             self.prefix.forget(slot)  # a half-run prompt leaves nothing reusable
-            self.state = self._device(programs.release_slot, self.state, jnp.int32(slot))
+            self.state = self._device(programs.release_slot, self.state, jnp.int32(slot), layout=self.layout)
         request.slots = []
         request.handle.deliver(error)
 
@@ -531,7 +547,8 @@ class Engine:
         if self.prefix.enabled and not (match.length and match.source == slot):
             self._keep_recent_prefix(slot, [s for s in free if s not in (slot, match.source)])
         if match.length and match.source != slot:
-            self.state = self._device(programs.copy_slot, self.state, jnp.int32(match.source), jnp.int32(slot))
+            self.state = self._device(programs.copy_slot, self.state, jnp.int32(match.source), jnp.int32(slot),
+                                      layout=self.layout)
         others = sorted(s for s in free if s != slot)[:request.params.n - 1]
         choice_slots = [slot, *others] if request.params.max_tokens > 0 else []
         request.slots = [slot, *others] if choice_slots else [slot]
@@ -549,7 +566,8 @@ class Engine:
             return
         oldest = self.prefix.victim(spare)
         if self.prefix.slots[oldest].last_used < self.prefix.slots[slot].last_used:
-            self.state = self._device(programs.copy_slot, self.state, jnp.int32(slot), jnp.int32(oldest))
+            self.state = self._device(programs.copy_slot, self.state, jnp.int32(slot), jnp.int32(oldest),
+                                      layout=self.layout)
             self.prefix.move(slot, oldest)
 
     def _prefill(self) -> int:
@@ -615,10 +633,10 @@ class Engine:
         tokens, positions, targets, slots, last, adapters = (
             pad_rows(a, batch, fill) for a, fill in
             ((tokens, 0), (positions, self.spare), (targets, 0), (slots, 0), (last, 0), (adapters, 0)))
-        lora = (self.lora, None if self.lora is None else jax.device_put(adapters))
+        lora = (self.lora, None if self.lora is None else self._put(adapters))
         self.counters["prefill_tokens"] += sum(c for _, _, c in rows)
         self.state, last_logits, scores = self._device(
-            program, self.params, self.state, *jax.device_put((tokens, positions, slots, last, targets)), *lora)
+            program, self.params, self.state, *self._put((tokens, positions, slots, last, targets)), *lora)
         return last_logits, scores
 
     def _complete(self, p: Prefill, last_logits, b: int) -> None:
@@ -635,12 +653,13 @@ class Engine:
             return
         for index, slot in enumerate(p.choice_slots):
             if slot != p.slot:
-                self.state = self._device(programs.copy_slot, self.state, jnp.int32(p.slot), jnp.int32(slot))
+                self.state = self._device(programs.copy_slot, self.state, jnp.int32(p.slot), jnp.int32(slot),
+                                          layout=self.layout)
                 self.prefix.forget(slot)
             key = row_key(params.seed, index, self.key_data, request.handle.request_id)
             row = make_row(params, p.ids.tolist(), key, self.cfg.vocab_size)
             self.state = self._device(programs.start_choice, self.state, last_logits, jnp.int32(b), jnp.int32(slot),
-                                      jnp.int32(len(p.ids)), row, jnp.int32(request.adapter))
+                                      jnp.int32(len(p.ids)), row, jnp.int32(request.adapter), layout=self.layout)
             matcher = request.grammar.matcher() if request.grammar is not None else None
             if matcher is not None:
                 matcher.fill_bitmask(self.bitmask_rows[slot])
@@ -673,7 +692,7 @@ class Engine:
         fallbacks = [("decode", r, k) for r in buckets for k in self.kv_buckets() if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
         (_, rows, _), program = self._program(("decode", rows, kv_len), fallbacks)
-        bitmask = jax.device_put(self.bitmask_rows) if self._constrained() else self.bitmask
+        bitmask = self._put(self.bitmask_rows) if self._constrained() else self.bitmask
         self.state, packed = self._device(program, self.params, self.state, bitmask, self.eos_mask, self.lora)
         for c in active:
             c.position += 1
@@ -731,7 +750,7 @@ class Engine:
         self.choices[choice.slot] = None
         self.bitmask_rows[choice.slot] = -1
         self.prefix.touch(choice.slot)
-        self.state = self._device(programs.release_slot, self.state, jnp.int32(choice.slot))
+        self.state = self._device(programs.release_slot, self.state, jnp.int32(choice.slot), layout=self.layout)
         request = choice.request
         request.completion_tokens += choice.generated
         siblings = [c for c in self.choices if c is not None and c.request is request]
@@ -760,8 +779,8 @@ def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
 def unpack_output(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Host inverse of `programs.pack_output`: tokens [S], logprobs [S], top_ids [S, K], top_logprobs [S, K]."""
     k = (packed.shape[1] - 2) // 2
-    ids = packed.view(np.int32)
-    return ids[:, 0], packed[:, 1], ids[:, 2:2 + k], packed[:, 2 + k:]
+    floats = packed.view(np.float32)
+    return packed[:, 0], floats[:, 1], packed[:, 2:2 + k], floats[:, 2 + k:]
 
 
 def row_buckets(num_slots: int) -> list[int]:

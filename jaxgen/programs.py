@@ -5,6 +5,11 @@ chunks of one prompt, in one call); `start_choice` makes a prefilled slot live (
 row, position, adapter); `decode_step` samples one token for the first `rows` slots from the logits each
 holds and runs the model on those tokens. Both model calls are the family's one `forward`, so a slot's
 first generated token and every later one take the same path.
+
+Every program takes the engine's `Layout` (`models.sharding`: the mesh, one device included) as a static
+argument and pins its output state to the layout's shardings (`constrain`), so each call hands the next
+exactly the shardings it was compiled for; XLA inserts the collectives the mesh needs. The sampler reads
+whole vocabulary rows: the LM head's vocab-split logits are gathered per slot before they are stored.
 """
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from jaxgen.models.family import Family
+from jaxgen.models.sharding import Layout, state_shardings
 from jaxgen.sampling import TOP_LOGPROBS, SlotState, clear_slot, init_state, sample, token_logprobs, write_slot
 
 LOGIT_ROWS = 8  # the fewest rows the LM head of a prefill call runs (one rounding class for every call size)
@@ -31,14 +38,28 @@ class DecodeState:
     adapters: jax.Array  # i32[S]: LoRA adapter per row, 0 = none
 
 
-def init_decode_state(family: Family, cfg, num_slots: int, max_len: int, dtype) -> DecodeState:
-    """Empty slots: zero cache, idle (greedy) sampling rows, zero logits, every write aimed at the spare column."""
-    cache = family.init_cache(cfg, num_slots, max_len, dtype)
-    spare = jax.tree.leaves(cache)[0].shape[-1] - 1
-    return DecodeState(cache=cache, sampler=init_state(num_slots, cfg.vocab_size),
-                       logits=jnp.zeros((num_slots, cfg.vocab_size), jnp.float32),
-                       positions=jnp.full((num_slots,), spare, jnp.int32),
-                       adapters=jnp.zeros((num_slots,), jnp.int32))
+def init_decode_state(family: Family, cfg, num_slots: int, max_len: int, dtype, layout: Layout) -> DecodeState:
+    """Empty slots: zero cache, idle (greedy) sampling rows, zero logits, every write aimed at the spare column;
+    built on the mesh, each device allocating only its shard."""
+    def build():
+        cache = family.init_cache(cfg, num_slots, max_len, dtype)
+        spare = jax.tree.leaves(cache)[0].shape[-1] - 1
+        return DecodeState(cache=cache, sampler=init_state(num_slots, cfg.vocab_size),
+                           logits=jnp.zeros((num_slots, cfg.vocab_size), jnp.float32),
+                           positions=jnp.full((num_slots,), spare, jnp.int32),
+                           adapters=jnp.zeros((num_slots,), jnp.int32))
+    return jax.jit(build, out_shardings=state_shardings(jax.eval_shape(build), layout))()
+
+
+def constrain(state: DecodeState, layout: Layout) -> DecodeState:
+    """`state` pinned to the layout's shardings (slots on `data`, KV heads on `model`, whole vocabulary rows)."""
+    return jax.lax.with_sharding_constraint(state, state_shardings(state, layout))
+
+
+def whole_rows(logits: jax.Array, layout: Layout) -> jax.Array:
+    """Logits [..., V] with the vocabulary gathered on every device (the sampler's top-k, top-p and logprobs
+    need the whole row), rows left to XLA."""
+    return jax.lax.with_sharding_constraint(logits, layout.sharding(P(*([None] * logits.ndim))))
 
 
 def spare_position(state: DecodeState) -> int:
@@ -47,10 +68,12 @@ def spare_position(state: DecodeState) -> int:
 
 
 def pack_output(out) -> jax.Array:
-    """One f32[S, 2 + 2K] array (ids bitcast) so the host needs a single device-to-host copy per step."""
-    as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
-    return jnp.concatenate([as_f32(out.tokens)[:, None], out.logprobs[:, None],
-                            as_f32(out.top_ids), out.top_logprobs], axis=1)
+    """One i32[S, 2 + 2K] array (log-probs bitcast) so the host needs a single device-to-host copy per step.
+    Integers, not floats: moving rows between devices may add zeros to them, which would flush a token id's
+    bits as a float denormal to 0."""
+    as_i32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    return jnp.concatenate([out.tokens[:, None], as_i32(out.logprobs)[:, None],
+                            out.top_ids, as_i32(out.top_logprobs)], axis=1)
 
 
 def head_rows(tree, rows: int):
@@ -63,9 +86,9 @@ def put_head_rows(tree, head, rows: int):
     return jax.tree.map(lambda x, h: x.at[:rows].set(h), tree, head)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "rows"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "rows", "layout"), donate_argnames=("state",))
 def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, family: Family, cfg, kv_len: int,
-                rows: int):
+                rows: int, layout: Layout):
     """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
 
     `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
@@ -81,12 +104,13 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, fam
     new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
                         logits=state.logits.at[:rows].set(logits),
                         positions=state.positions.at[:rows].set(jnp.minimum(positions + 1, last)))
-    return new, pack_output(out)
+    return constrain(new, layout), pack_output(out)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "score"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "score", "layout"),
+                   donate_argnames=("state",))
 def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, targets, lora=None, adapters=None, *,
-                   family: Family, cfg, kv_len: int, score: bool):
+                   family: Family, cfg, kv_len: int, score: bool, layout: Layout):
     """Run prompt chunks tokens [B, C] at positions [B, C] (padding at the spare position) into cache rows
     `slots` [B]: -> (state', logits f32[B, V] at each row's token `last[B]`, scores).
 
@@ -100,31 +124,32 @@ def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, t
     # At least LOGIT_ROWS rows through the LM head, so a prompt's first logits round the same whatever the call
     # size (XLA CPU's dot rounds differently for fewer rows).
     padded = jnp.pad(last_hidden, ((0, max(0, LOGIT_ROWS - batch)), (0, 0)))
-    last_logits = family.lm_logits(params, cfg, padded)[:batch]
+    last_logits = whole_rows(family.lm_logits(params, cfg, padded)[:batch], layout)
     scores = token_logprobs(family.lm_logits(params, cfg, hidden), targets, TOP_LOGPROBS) if score else None
-    return state.replace(cache=cache), last_logits, scores
+    return constrain(state.replace(cache=cache), layout), last_logits, scores
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def start_choice(state: DecodeState, logits, index, slot, position, row, adapter) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("state",))
+def start_choice(state: DecodeState, logits, index, slot, position, row, adapter, *, layout: Layout) -> DecodeState:
     """Make slot `slot` (traced: one program serves every slot) live: it samples next from `logits[index]`
     (logits [B, V] of a prefill call), writes at `position`, with sampling row `row` and LoRA adapter index
     `adapter` (0 = none)."""
-    return state.replace(sampler=write_slot(state.sampler, slot, row), logits=state.logits.at[slot].set(logits[index]),
-                         positions=state.positions.at[slot].set(position),
-                         adapters=state.adapters.at[slot].set(adapter))
+    return constrain(state.replace(sampler=write_slot(state.sampler, slot, row),
+                                   logits=state.logits.at[slot].set(logits[index]),
+                                   positions=state.positions.at[slot].set(position),
+                                   adapters=state.adapters.at[slot].set(adapter)), layout)
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def copy_slot(state: DecodeState, src, dst) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("state",))
+def copy_slot(state: DecodeState, src, dst, *, layout: Layout) -> DecodeState:
     """Copy cache row `src` into row `dst` (whole rows: what lies past the prefix is overwritten before any
     query reads it): prefix reuse from a busy slot, and the n choices of one prompt."""
-    return state.replace(cache=jax.tree.map(lambda c: c.at[dst].set(c[src]), state.cache))
+    return constrain(state.replace(cache=jax.tree.map(lambda c: c.at[dst].set(c[src]), state.cache)), layout)
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def release_slot(state: DecodeState, slot) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("state",))
+def release_slot(state: DecodeState, slot, *, layout: Layout) -> DecodeState:
     """Return a slot to idle: its sampling filters no longer run, and decode steps write its spare column, so
     the prompt prefix it holds stays intact for reuse."""
-    return state.replace(sampler=clear_slot(state.sampler, slot),
-                         positions=state.positions.at[slot].set(spare_position(state)))
+    return constrain(state.replace(sampler=clear_slot(state.sampler, slot),
+                                   positions=state.positions.at[slot].set(spare_position(state))), layout)

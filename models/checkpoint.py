@@ -12,6 +12,7 @@ from jaxgen.errors import ModelLoadError
 from .config import ModelConfig
 from .config import Params
 from .family import family_for
+from .sharding import layout_for, param_shardings, place_params
 
 CONFIG_FILE = "jaxgen_config.json"
 
@@ -33,10 +34,12 @@ def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer)
         json.dump({"model": cfg.to_dict(), "dtype": str(jax.tree.leaves(params)[0].dtype)}, f, indent=1)
 
 
-def load_checkpoint(directory: str, dtype=None):
+def load_checkpoint(directory: str, dtype=None, mesh=None):
     """(config, params, tokenizer) from `save_checkpoint`'s directory; restores bit-identical arrays.
 
-    With `dtype` None the saved dtype is kept; otherwise the arrays are restored as `dtype`.
+    With `dtype` None the saved dtype is kept; otherwise the arrays are restored as `dtype`. Orbax restores each
+    array sharded on `mesh` (None: one device) as `sharding.layout_for` places it; where KV heads are replicated,
+    wqkv and bqkv are restored whole and then replicated (`sharding.place_params`).
     """
     from jaxgen.tokenizer import Tokenizer
 
@@ -45,10 +48,19 @@ def load_checkpoint(directory: str, dtype=None):
         meta = json.load(f)
     cfg = ModelConfig.from_dict(meta["model"])
     dtype = dtype or meta["dtype"]
-    target = jax.eval_shape(lambda: family_for(cfg).init_params(cfg, jax.random.key(0), dtype))
+    family = family_for(cfg)
+    layout = layout_for(cfg, mesh)
+    shapes = jax.eval_shape(lambda: family.init_params(cfg, jax.random.key(0), dtype))
+    shardings = param_shardings(shapes, layout, family.shard_specs)
+    if layout.kv_replicas > 1:  # stored in the model's own layout: restored whole, replicated below
+        shardings = jax.tree_util.tree_map_with_path(
+            lambda path, s: layout.replicated if path[-1].key in ("wqkv", "bqkv") else s, shardings)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(directory, "params"), target)
     except Exception as e:  # orbax raises many kinds for a damaged directory
         raise ModelLoadError(f"cannot restore params from {directory}: {e}") from e
+    if layout.kv_replicas > 1:
+        params = place_params(params, cfg, layout, extra=family.shard_specs)
     return cfg, params, Tokenizer.from_hf_dir(os.path.join(directory, "tokenizer"))

@@ -34,6 +34,7 @@ class Family:
     gguf_tensors: tuple[tuple[str, str], ...] = ()  # GGUF -> HF names beyond (or replacing) the Llama table
     gguf_fix: Callable | None = None  # (hf_name, array) -> array: undo what llama.cpp's converter changed
     fields: type | None = None  # the dataclass in `ModelConfig.extra` (with `from_dict`), None if none
+    shard_specs: tuple[tuple[str, object], ...] = ()  # (param name, PartitionSpec) beyond sharding.PARAM_SPECS
     lora_targets: tuple[str, ...] = lora.TARGETS  # the HF module names a LoRA adapter may target
 
 

@@ -166,7 +166,7 @@ def layer_from_hf(cfg: ModelConfig, get, i: int) -> dict:
     """One layer's arrays (numpy, our layout) from HF-named tensors `get(name)`."""
     p = f"model.layers.{i}."
     layer = {ours: get(f"{p}{theirs}.weight") for ours, theirs in LAYER_NORMS.items()}
-    layer.update(projections_from_hf(get, p))
+    layer.update(projections_from_hf(get, p, cfg.num_kv_heads))
     if cfg.architecture == "gemma3_text":
         layer["q_norm"], layer["k_norm"] = get(p + "self_attn.q_norm.weight"), get(p + "self_attn.k_norm.weight")
     return layer

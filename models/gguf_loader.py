@@ -144,15 +144,16 @@ def hf_tensor_getter(reader: gguf.GGUFReader, cfg: ModelConfig):
     return get
 
 
-def load_gguf(path, dtype):
-    """(config, params, tokenizer) from a GGUF file."""
+def load_gguf(path, dtype, mesh=None):
+    """(config, params, tokenizer) from a GGUF file; params placed on `mesh` (`weights.params_from_hf`)."""
     from jaxgen.tokenizer import Tokenizer
 
     reader = open_gguf(path)
     cfg = config_from_gguf(reader)
     tokenizer = Tokenizer.from_gguf(reader)
     try:
-        params = params_from_hf(cfg, hf_tensor_getter(reader, cfg), dtype, desc=f"loading {os.path.basename(path)}")
+        params = params_from_hf(cfg, hf_tensor_getter(reader, cfg), dtype, desc=f"loading {os.path.basename(path)}",
+                               mesh=mesh)
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {path} is damaged: {e}") from e
     return cfg, params, tokenizer

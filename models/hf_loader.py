@@ -41,10 +41,11 @@ def safetensors_getter(directory: str):
     return get
 
 
-def load_hf_dir(directory: str, dtype):
-    """(config, params, tokenizer) from an HF model directory."""
+def load_hf_dir(directory: str, dtype, mesh=None):
+    """(config, params, tokenizer) from an HF model directory; params placed on `mesh` (`weights.params_from_hf`)."""
     from jaxgen.tokenizer import Tokenizer
 
     cfg = read_hf_config(directory)
-    params = params_from_hf(cfg, safetensors_getter(directory), dtype, desc=f"loading {os.path.basename(directory)}")
+    params = params_from_hf(cfg, safetensors_getter(directory), dtype, desc=f"loading {os.path.basename(directory)}",
+                            mesh=mesh)
     return cfg, params, Tokenizer.from_hf_dir(directory)

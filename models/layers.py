@@ -16,6 +16,7 @@ import numpy as np
 
 from . import lora as lora_lib
 from .config import ModelConfig, Params
+from .weights import split_gate_up, split_qkv
 
 MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
 Cache = dict[str, list[jax.Array]]
@@ -95,14 +96,10 @@ def project_qkv(cfg: ModelConfig, layer: Params, x: jax.Array, cos, sin, lora_la
                 qk_norm: Callable | None = None):
     """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, KVH, Dh], with RoPE applied to q and k; a layer with
     `q_norm` / `k_norm` weights [Dh] normalizes each head by `qk_norm(x, weight)` before RoPE (Qwen3, Gemma 3)."""
-    b, t, _ = x.shape
     qkv = with_lora(x @ layer["wqkv"], x, lora_layer, "qkv", adapters)
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"]
-    dh, h, kvh = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    q = qkv[..., : h * dh].reshape(b, t, h, dh)
-    k = qkv[..., h * dh: (h + kvh) * dh].reshape(b, t, kvh, dh)
-    v = qkv[..., (h + kvh) * dh:].reshape(b, t, kvh, dh)
+    q, k, v = split_qkv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)  # [B, T, H | KVH, Dh]
     if "q_norm" in layer:
         q, k = qk_norm(q, layer["q_norm"]), qk_norm(k, layer["k_norm"])
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -110,7 +107,7 @@ def project_qkv(cfg: ModelConfig, layer: Params, x: jax.Array, cos, sin, lora_la
 
 def gated_mlp(layer: Params, x: jax.Array, lora_layer=None, adapters=None, act: Callable = jax.nn.silu) -> jax.Array:
     """act(gate) · up over the fused gate/up projection, then down: SwiGLU (silu) or GeGLU (tanh gelu)."""
-    gate, up = jnp.split(with_lora(x @ layer["w_gate_up"], x, lora_layer, "gate_up", adapters), 2, axis=-1)
+    gate, up = split_gate_up(with_lora(x @ layer["w_gate_up"], x, lora_layer, "gate_up", adapters))  # [B, T, F]
     h = act(gate) * up
     return with_lora(h @ layer["w_down"], h, lora_layer, "down", adapters)
 

@@ -4,8 +4,10 @@ a params pytree.
 Params (matrices stored [in, out] so activations multiply on the left; Q/K/V and gate/up fused
 so each layer runs two big matmuls instead of five):
     embed [V, D]; final_norm [D]; lm_head [D, V] (absent when embeddings are tied);
-    layers: list of {attn_norm [D], wqkv [D, (H + 2·KVH)·Dh], bqkv [(H + 2·KVH)·Dh] (Qwen2 only),
-                     q_norm, k_norm [Dh] (Qwen3 only), wo [H·Dh, D], mlp_norm [D], w_gate_up [D, 2·F], w_down [F, D]}
+    layers: list of {attn_norm [D], wqkv [D, (H + 2·KVH)·Dh], bqkv [(H + 2·KVH)·Dh] (Qwen2 only; both in
+                     `weights.fuse_qkv`'s group-major order),
+                     q_norm, k_norm [Dh] (Qwen3 only), wo [H·Dh, D], mlp_norm [D],
+                     w_gate_up [D, 2·F] (`weights.fuse_gate_up`'s interleaved order), w_down [F, D]}
 The layer list is a Python loop that jit traces once (unrolled, `layers.run_layers`); the KV cache layout is
 `layers.init_cache`'s.
 
@@ -26,7 +28,7 @@ from .config import ModelConfig, Params, base_fields_from_hf, refuse_features
 from .layers import (Cache, cached_attention, gated_mlp, init_attention_mlp, init_cache, insert, lm_head,
                      normal_init, project_qkv, prompt_positions, rms_norm, rope_tables, run_layers, step_of,
                      with_lora)
-from .weights import projections_from_hf
+from .weights import fuse_qkv, projections_from_hf
 
 __all__ = ["forward", "lm_logits", "init_cache", "init_params", "insert", "prefill", "decode", "config_from_hf"]
 
@@ -111,8 +113,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
 def layer_from_hf(cfg: ModelConfig, get, i: int) -> dict:
     """One decoder layer's arrays (numpy, our layout) from HF-named tensors `get(name)`."""
     p = f"model.layers.{i}."
-    layer = {"attn_norm": get(p + "input_layernorm.weight"), **projections_from_hf(get, p),
+    layer = {"attn_norm": get(p + "input_layernorm.weight"), **projections_from_hf(get, p, cfg.num_kv_heads),
              "mlp_norm": get(p + "post_attention_layernorm.weight")}
     if cfg.attention_bias:
-        layer["bqkv"] = np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
+        layer["bqkv"] = fuse_qkv(*(get(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")), cfg.num_kv_heads)
     return layer

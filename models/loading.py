@@ -33,13 +33,14 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def load_model(model: str | os.PathLike | None = None, dtype=None):
-    """(config, params, tokenizer, path) for `model`, in `dtype` (default: per backend)."""
+def load_model(model: str | os.PathLike | None = None, dtype=None, mesh=None):
+    """(config, params, tokenizer, path) for `model`, in `dtype` (default: per backend), params placed on `mesh`
+    (anything `jaxgen.mesh.make_mesh` takes; None: one device) in the layout it runs (`sharding.layout_for`)."""
     path = os.fspath(model) if model is not None else default_model_path()
     if os.path.isdir(path):
         if is_checkpoint(path):
-            return (*load_checkpoint(path, dtype), path)
-        return (*load_hf_dir(path, dtype or default_dtype()), path)
+            return (*load_checkpoint(path, dtype, mesh), path)
+        return (*load_hf_dir(path, dtype or default_dtype(), mesh), path)
     if path.endswith(".gguf") or os.path.isfile(path):
-        return (*load_gguf(path, dtype or default_dtype()), path)
+        return (*load_gguf(path, dtype or default_dtype(), mesh), path)
     raise ModelLoadError(f"model not found: {path} (expected a .gguf file, an HF directory or a jaxgen checkpoint)")

@@ -13,8 +13,9 @@ transposed stack on every step).
 Groups mirror the fused base weights, so each runs as one pair of small matmuls added to the fused output:
     "qkv" (q, k, v → wqkv), "o" (→ wo), "gate_up" (gate, up → w_gate_up), "down" (→ w_down).
 Inside a group each member owns a block of `rank` columns of `a` and rows of `b`; `b` is block-diagonal
-(member j's block maps onto its slice of the fused output). The scaling is folded into `b`; an adapter of a
-smaller rank, or without a member, has zeros there. A group no adapter targets is absent (costs nothing).
+(member j's block maps onto its columns of the fused output, ordered as the base weight's: `fuse_outputs`).
+The scaling is folded into `b`; an adapter of a smaller rank, or without a member, has zeros there. A group no
+adapter targets is absent (costs nothing).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
 from .safetensors_io import open_safetensors
+from .weights import fuse_gate_up, fuse_qkv
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -212,20 +214,32 @@ def stack_adapters(cfg: ModelConfig, adapters: Sequence[LoraAdapter], dtype, ran
             if not members:
                 continue
             fan_in = shapes[members[0]][0]
-            outs = [shapes[m][1] for m in GROUPS[group]]  # the fused output holds every member, used or not
             a = np.zeros((fan_in, len(adapters) + 1, rank * len(members)), np.float32)
-            b = np.zeros((len(adapters) + 1, rank * len(members), sum(outs)), np.float32)
+            # one B per member, every member's (used or not), fused as the base weight is
+            bs = {m: np.zeros((len(adapters) + 1, rank * len(members), shapes[m][1]), np.float32)
+                  for m in GROUPS[group]}
             for j, member in enumerate(members):
-                start = sum(outs[: GROUPS[group].index(member)])
                 for i, adapter in enumerate(adapters, start=1):
                     if (layer, member) in adapter.weights:
                         wa, wb = adapter.weights[(layer, member)]
                         r = wa.shape[1]
                         a[:, i, j * rank: j * rank + r] = wa
-                        b[i, j * rank: j * rank + r, start: start + wb.shape[1]] = wb
+                        bs[member][i, j * rank: j * rank + r] = wb
+            b = fuse_outputs(cfg, group, [bs[m] for m in GROUPS[group]])
             groups[group] = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
         layers.append(groups)
     return {"layers": layers}
+
+
+def fuse_outputs(cfg: ModelConfig, group: str, parts: Sequence):
+    """A group's per-member output blocks [..., out_member] (in GROUPS order, every member) fused along the last
+    axis in the order of the fused base weight (`weights.fuse_qkv`, `weights.fuse_gate_up`): what a LoRA B
+    matrix of the group must follow, so its columns land on its own projection's (and shard with them)."""
+    if group == "qkv":
+        return fuse_qkv(*parts, cfg.num_kv_heads)
+    if group == "gate_up":
+        return fuse_gate_up(*parts)
+    return parts[0]
 
 
 def num_adapters(lora: Lora | None) -> int:

@@ -14,25 +14,66 @@ from .config import Params
 TensorGetter = Callable[[str], np.ndarray]
 
 
-def projections_from_hf(get: TensorGetter, prefix: str) -> dict[str, np.ndarray]:
-    """A layer's attention and gated-MLP matrices, HF's separate projections fused and transposed to [in, out]:
-    wqkv [D, (H + 2·KVH)·Dh], wo [H·Dh, D], w_gate_up [D, 2·F], w_down [F, D]."""
-    attn = [get(prefix + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-    return {"wqkv": np.concatenate(attn, axis=0).T, "wo": get(prefix + "self_attn.o_proj.weight").T,
-            "w_gate_up": np.concatenate([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")],
-                                        axis=0).T,
+def _xp(*arrays):
+    """numpy for host arrays (the loaders), jax.numpy for traced ones (adapters built under jit)."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
+def fuse_qkv(q, k, v, num_kv_heads: int):
+    """The fused Q/K/V layout along the last axis, group-major per KV head: for each KV head j, its G = H / KVH
+    query heads (j·G .. j·G + G - 1), then k_j, then v_j. q [..., H·Dh], k and v [..., KVH·Dh] ->
+    [..., KVH·(G + 2)·Dh]. A contiguous split into KVH (or a divisor of it) parts holds whole heads, so the
+    model axis of a mesh shards it without moving a head. The one place the fused order is decided (weights,
+    biases, LoRA B matrices)."""
+    xp = _xp(q, k, v)
+    lead, dh = q.shape[:-1], k.shape[-1] // num_kv_heads
+    parts = [q.reshape(*lead, num_kv_heads, -1, dh), k.reshape(*lead, num_kv_heads, 1, dh),
+             v.reshape(*lead, num_kv_heads, 1, dh)]
+    return xp.concatenate(parts, axis=-2).reshape(*lead, -1)
+
+
+def split_qkv(qkv, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Inverse of `fuse_qkv`: [..., KVH·(G + 2)·Dh] -> q [..., H, Dh], k and v [..., KVH, Dh]."""
+    lead, groups = qkv.shape[:-1], num_heads // num_kv_heads
+    x = qkv.reshape(*lead, num_kv_heads, groups + 2, head_dim)
+    return (x[..., :groups, :].reshape(*lead, num_heads, head_dim), x[..., groups, :], x[..., groups + 1, :])
+
+
+def fuse_gate_up(gate, up):
+    """The fused gate/up layout along the last axis, interleaved per column: [g0, u0, g1, u1, ...].
+    gate, up [..., F] -> [..., 2·F]; any contiguous split of F columns' pairs keeps each gate with its up."""
+    return _xp(gate, up).stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+
+
+def split_gate_up(fused):
+    """Inverse of `fuse_gate_up`: [..., 2·F] -> (gate, up) [..., F]."""
+    x = fused.reshape(*fused.shape[:-1], -1, 2)
+    return x[..., 0], x[..., 1]
+
+
+def projections_from_hf(get: TensorGetter, prefix: str, num_kv_heads: int) -> dict[str, np.ndarray]:
+    """A layer's attention and gated-MLP matrices, HF's separate projections fused (`fuse_qkv`, `fuse_gate_up`)
+    and transposed to [in, out]: wqkv [D, (H + 2·KVH)·Dh], wo [H·Dh, D], w_gate_up [D, 2·F], w_down [F, D]."""
+    q, k, v = (get(prefix + f"self_attn.{n}_proj.weight").T for n in ("q", "k", "v"))
+    return {"wqkv": fuse_qkv(q, k, v, num_kv_heads), "wo": get(prefix + "self_attn.o_proj.weight").T,
+            "w_gate_up": fuse_gate_up(get(prefix + "mlp.gate_proj.weight").T, get(prefix + "mlp.up_proj.weight").T),
             "w_down": get(prefix + "mlp.down_proj.weight").T}
 
 
-def params_from_hf(cfg: ModelConfig, get: TensorGetter, dtype, desc: str = "loading") -> Params:
-    """All params, with a progress bar over layers; `get(name)` returns a float array for an HF name."""
+def params_from_hf(cfg: ModelConfig, get: TensorGetter, dtype, desc: str = "loading", mesh=None) -> Params:
+    """All params, with a progress bar over layers; `get(name)` returns a float array for an HF name. Each layer
+    is placed as it is read, every device receiving only its shard on `mesh` (None: one device;
+    `sharding.layout_for`), in the layout that mesh runs."""
     from .family import family_for
+    from .sharding import layout_for, place_params
 
     family = family_for(cfg)
-    layers = [{name: jnp.asarray(w, dtype=dtype) for name, w in family.layer_from_hf(cfg, get, i).items()}
-              for i in tqdm(range(cfg.num_layers), desc=desc, unit="layer")]
-    params = {"embed": jnp.asarray(get("model.embed_tokens.weight"), dtype),
-              "final_norm": jnp.asarray(get("model.norm.weight"), dtype), "layers": layers}
+    layout = layout_for(cfg, mesh)
+
+    def put(tree):
+        return place_params(tree, cfg, layout, dtype, family.shard_specs)
+    layers = [put(family.layer_from_hf(cfg, get, i)) for i in tqdm(range(cfg.num_layers), desc=desc, unit="layer")]
+    top = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight")}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = jnp.asarray(get("lm_head.weight").T, dtype)
-    return params
+        top["lm_head"] = get("lm_head.weight").T
+    return {**put(top), "layers": layers}
