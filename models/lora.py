@@ -276,3 +276,49 @@ def delta(x: jax.Array, w: dict, adapters: jax.Array) -> jax.Array:
         return h @ b.reshape(slots * rank, b.shape[-1])
     h = jnp.einsum("bti,ibr->btr", x, jnp.take(a, adapters, axis=1))
     return jnp.einsum("btr,bro->bto", h, jnp.take(b, adapters, axis=0))
+
+
+def save_adapter(directory: str | os.PathLike, cfg: ModelConfig,
+                 weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], alpha: float,
+                 base_model: str | None = None) -> None:
+    """Write an HF PEFT LoRA directory (what `load_adapter` and `peft.PeftModel.from_pretrained` read) from
+    per (layer, target) A [in, r] and B [r, out] *without* the scaling (PEFT applies alpha / r itself).
+
+    The inverse of `load_adapter`: lora_A.weight = A^T [r, in], lora_B.weight = B^T [out, r]. Every module has
+    the same rank, and each shape is checked against the base model `cfg`; the layers saved become
+    `layers_to_transform` when they are not all of the model's.
+    """
+    if not weights:
+        raise ValueError("an adapter needs at least one (layer, target) pair")
+    ranks = {a.shape[1] for a, _ in weights.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"every module of a saved adapter needs the same rank, not {sorted(ranks)}")
+    shapes, tensors = target_shapes(cfg), {}
+    for (layer, target), (a, b) in sorted(weights.items()):
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+        if not 0 <= layer < cfg.num_layers:
+            raise ValueError(f"layer {layer} is not one of the base model's {cfg.num_layers} layers")
+        (fan_in, fan_out), r = shapes[target], a.shape[-1]
+        if a.shape != (fan_in, r) or b.shape != (r, fan_out):
+            raise ValueError(f"layer {layer} {target}: A {a.shape} and B {b.shape}; the base model needs "
+                             f"[{fan_in}, r] and [r, {fan_out}]")
+        name = f"base_model.model.model.layers.{layer}.{MODULE_PATH[target]}"
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
+    layers = sorted({layer for layer, _ in weights})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": [t for t in TARGETS if any(t == target for _, target in weights)],
+        "layers_to_transform": layers if layers != list(range(cfg.num_layers)) else None,
+        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+    }
+    from safetensors.numpy import save_file
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
