@@ -1,6 +1,7 @@
 """The notebooks run top to bottom on the default model, so they never rot."""
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -20,7 +21,10 @@ def test_quickstart_notebook_executes(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     assert "log-likelihood:" in text and "Paris" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs), "the figure is not shown"
+    assert "best answer:  Mars" in text
+    ran, submitted = map(int, re.search(r"prompt tokens run: (\d+) of (\d+) submitted", text).groups())
+    assert ran < submitted / 2  # the question (most of each prompt) ran once, not four times
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2, "a figure is not shown"
 
 
 def execute(path: Path, cwd: Path, **env) -> list[dict]:
