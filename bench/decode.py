@@ -14,7 +14,7 @@ Decode tokens/s is 1 / the median step time for both (each of HF's steps is stam
     python bench/decode.py --families [--new-tokens 64]
 
 --families builds each family's tiny random HF model (tests/conftest.py's fixtures: d = 64, 2 layers, 6 for
-Gemma 3), loads it with our HF-directory loader and with transformers, and times both greedy decodes of the
+Gemma 3; Phi-3 with LongRoPE, whose 64-token prompt is past its switch; 4 experts, 2 a token, for the MoE), loads it with our HF-directory loader and with transformers, and times both greedy decodes of the
 same 64-token prompt at batch 1 (median step; a regression guard, not a race), checking the tokens agree.
 """
 from __future__ import annotations
@@ -189,7 +189,7 @@ def run_families(new_tokens: int, repeats: int) -> None:
           f"({torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.2f}")
     prompt = np.random.default_rng(0).integers(3, 384, 64).tolist()
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe"):
             directory = build_tiny_hf_model(os.path.join(tmp, arch), arch)
             j = run_family_decode(directory, prompt, new_tokens)
             model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
@@ -197,7 +197,7 @@ def run_families(new_tokens: int, repeats: int) -> None:
             model.generation_config.eos_token_id = None
             h = run_hf(model, "float32", prompt, new_tokens, repeats)
             same = "identical" if j["tokens"] == h["tokens"] else "DIFFER"
-            print(f"{arch:12s} ({j['family']:6s}) decode step: jaxgen {j['step_s'] * 1e3:6.2f} ms | HF generate "
+            print(f"{arch:12s} ({j['family']:9s}) decode step: jaxgen {j['step_s'] * 1e3:6.2f} ms | HF generate "
                   f"{h['step_s'] * 1e3:6.2f} ms | HF/jaxgen {h['step_s'] / j['step_s']:5.1f}x | greedy tokens {same}"
                   f"  {tag}")
 

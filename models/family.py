@@ -13,7 +13,7 @@ from typing import Callable
 
 from jaxgen.errors import ModelLoadError
 
-from . import gemma, gguf_loader, layers, llama, lora, phi3, qwen3
+from . import gemma, gguf_loader, layers, llama, lora, moe, phi3, qwen3
 from .config import ModelConfig
 
 
@@ -34,8 +34,9 @@ class Family:
     gguf_tensors: tuple[tuple[str, str], ...] = ()  # GGUF -> HF names beyond (or replacing) the Llama table
     gguf_fix: Callable | None = None  # (hf_name, array) -> array: undo what llama.cpp's converter changed
     fields: type | None = None  # the dataclass in `ModelConfig.extra` (with `from_dict`), None if none
-    shard_specs: tuple[tuple[str, object], ...] = ()  # (param name, PartitionSpec) beyond sharding.PARAM_SPECS
     lora_targets: tuple[str, ...] = lora.TARGETS  # the HF module names a LoRA adapter may target
+    gguf_experts: bool = False  # its GGUF files have experts (llama.cpp stores Mixtral as `llama` with experts)
+    shard_specs: tuple[tuple[str, object], ...] = ()  # (param name, PartitionSpec) beyond sharding.PARAM_SPECS
 
 
 LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, layers.init_cache,
@@ -54,7 +55,13 @@ PHI3 = Family("phi3", ("phi3",), phi3.forward, llama.lm_logits, phi3.init_cache,
               phi3.config_from_hf, phi3.layer_from_hf, gguf_architectures=(("phi3", "phi3"),),
               config_from_gguf=phi3.config_from_gguf, gguf_tensors=phi3.GGUF_TENSORS, fields=phi3.Phi3Fields,
               lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
-FAMILIES = (LLAMA, QWEN3, GEMMA, PHI3)
+MIXTRAL, QWEN3_MOE = (
+    Family(name, (arch,), moe.forward, llama.lm_logits, layers.init_cache, moe.init_params, moe.config_from_hf,
+           moe.layer_from_hf, gguf_architectures=((gguf_arch, arch),), config_from_gguf=moe.config_from_gguf,
+           gguf_tensors=moe.GGUF_TENSORS[arch], fields=moe.MoeFields, lora_targets=lora.ATTENTION_TARGETS,
+           gguf_experts=True)
+    for name, arch, gguf_arch in (("mixtral", "mixtral", "llama"), ("qwen3_moe", "qwen3_moe", "qwen3moe")))
+FAMILIES = (LLAMA, QWEN3, GEMMA, PHI3, MIXTRAL, QWEN3_MOE)
 
 
 def supported() -> str:
@@ -75,11 +82,12 @@ def family_for(cfg: ModelConfig) -> Family:
     return family_for_architecture(cfg.architecture)
 
 
-def family_for_gguf(arch: str) -> tuple[Family, str]:
-    """(family, our architecture) for a GGUF `general.architecture`, or a ModelLoadError naming it."""
+def family_for_gguf(arch: str, experts: bool = False) -> tuple[Family, str]:
+    """(family, our architecture) for a GGUF `general.architecture` (whose file has `experts` or not), or a
+    ModelLoadError naming it."""
     for family in FAMILIES:
         for gguf_arch, architecture in family.gguf_architectures:
-            if gguf_arch == arch:
+            if gguf_arch == arch and family.gguf_experts == experts:
                 return family, architecture
     names = ", ".join(a for f in FAMILIES for a, _ in f.gguf_architectures)
     raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {names}")

@@ -84,7 +84,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
     from .family import family_for_gguf
 
     arch = field(reader, "general.architecture")
-    family, architecture = family_for_gguf(arch)
+    family, architecture = family_for_gguf(arch, experts=bool(field(reader, f"{arch}.expert_count", 0)))
     return family.config_from_gguf(reader, arch, architecture)
 
 

@@ -77,3 +77,10 @@ def params_from_hf(cfg: ModelConfig, get: TensorGetter, dtype, desc: str = "load
     if not cfg.tie_word_embeddings:
         top["lm_head"] = get("lm_head.weight").T
     return {**put(top), "layers": layers}
+
+
+def experts_from_hf(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
+    """An MoE layer's experts from HF's per-expert matrices stacked [E, out, in], transposed to [in, out]:
+    experts_gate, experts_up [E, D, F], experts_down [E, F, D]. The one place the experts' layout is decided."""
+    return {name: np.ascontiguousarray(np.swapaxes(w, 1, 2))
+            for name, w in (("experts_gate", gate), ("experts_up", up), ("experts_down", down))}

@@ -112,18 +112,23 @@ TINY_ARCH = {
                  rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0,
                                   "short_factor": [1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0],
                                   "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]}),
+    # Four experts, two a token (a decode row gathers its two, wider calls run all four).
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      norm_topk_prob=True),
 }
 
 
 def tiny_hf_config(arch: str = "llama", **overrides):
     """A transformers config for a 2-layer, d=64, 4-head (2 KV heads) model of `arch` (llama, mistral, qwen2,
-    qwen3, gemma2, gemma3_text, phi3)."""
+    qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe)."""
     import transformers
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
-               "phi3": transformers.Phi3Config}
+               "phi3": transformers.Phi3Config, "mixtral": transformers.MixtralConfig,
+               "qwen3_moe": transformers.Qwen3MoeConfig}
     if arch not in classes:
         raise ValueError(f"no tiny config for {arch!r}")
     kwargs = {**TINY_BASE, **TINY_ARCH.get(arch, {}), **overrides}

@@ -48,7 +48,8 @@ GEMMA3_TEMPLATE = (
     "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
 FAMILIES = {"qwen3": ("qwen3", {}), "gemma2": ("gemma2", {"chat_template": GEMMA2_TEMPLATE}),
-            "gemma3": ("gemma3_text", {"chat_template": GEMMA3_TEMPLATE}), "phi3": ("phi3", {})}
+            "gemma3": ("gemma3_text", {"chat_template": GEMMA3_TEMPLATE}), "phi3": ("phi3", {}),
+            "mixtral": ("mixtral", {}), "qwen3_moe": ("qwen3_moe", {})}
 ATTENTION = {"phi3": ["qkv_proj", "o_proj"]}  # each family's attention modules, where not q, k, v, o_proj
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import gguf
@@ -21,7 +22,24 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
             .reshape(weights.shape))
 
 
-GGUF_ARCH = {"gemma3_text": "gemma3"}  # HF model_type -> llama.cpp architecture, where they differ
+# HF model_type -> llama.cpp architecture, where they differ (llama.cpp stores Mixtral as llama with experts)
+GGUF_ARCH = {"gemma3_text": "gemma3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
+
+
+def merge_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert tensors `....experts.{e}.{name}.weight` stacked [E, ...] as `....experts.{name}.weight`, as the
+    converter merges them before naming them `*_exps`."""
+    out, groups = {}, {}
+    for name, w in tensors.items():
+        m = EXPERT.fullmatch(name)
+        if m is None:
+            out[name] = w
+        else:
+            groups.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = w
+    for name, experts in groups.items():
+        out[name] = np.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 def hf_to_gguf_name(name: str, arch: str = "llama", n_blocks: int = 64) -> str:
@@ -60,7 +78,7 @@ def write_gguf(hf_dir: Path, path: Path, *, arch: str | None = None, qtype=defau
     """
     config = json.loads((hf_dir / "config.json").read_text())
     arch = arch or GGUF_ARCH.get(config["model_type"], config["model_type"])
-    tensors = load_file(str(hf_dir / "model.safetensors"))
+    tensors = merge_experts(load_file(str(hf_dir / "model.safetensors")))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -115,7 +133,8 @@ NORM_SHIFTED = ("gemma2", "gemma3")
 
 def add_family_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> None:
     """The architecture's own keys, as llama.cpp's converter writes them (Gemma 2's soft-caps and window,
-    Gemma 3's window and the global layers' linear RoPE scaling, Phi-3's window and LongRoPE)."""
+    Gemma 3's window and the global layers' linear RoPE scaling, Phi-3's window and LongRoPE, the expert counts
+    of a mixture of experts)."""
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
@@ -129,7 +148,12 @@ def add_family_metadata(writer: gguf.GGUFWriter, arch: str, config: dict) -> Non
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
             for kind in ("long", "short"):
                 writer.add_tensor(f"rope_factors_{kind}.weight", np.asarray(rope[f"{kind}_factor"], np.float32))
-    elif arch == "gemma3":
+    if "num_experts_per_tok" in config:  # Mixtral (as llama) and Qwen3-MoE
+        writer.add_expert_count(config.get("num_experts") or config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if "moe_intermediate_size" in config:
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if arch == "gemma3":
         writer.add_sliding_window(config["sliding_window"])
         rope = config["rope_parameters"]["full_attention"]
         if rope["rope_type"] == "linear":

@@ -70,6 +70,13 @@ CASES = {
              FUSED, True),
     "phi3_plain_tied": ("phi3", {**PLAIN_ROPE, "sliding_window": None, "tie_word_embeddings": True}, {}, FUSED[:2],
                         True),
+    "mixtral": ("mixtral", {}, {"renormalised top-k": replace_extra(norm_topk_prob=False),
+                                "top-k": replace_extra(num_experts_per_tok=1)}, ATTENTION, True),
+    "qwen3_moe": ("qwen3_moe", {}, {**QK_NORM, "renormalised top-k": replace_extra(norm_topk_prob=False)},
+                  ATTENTION, True),
+    # llama.cpp renormalises qwen3moe's top-k weights: a GGUF file cannot say norm_topk_prob = false
+    "qwen3_moe_unnormalised": ("qwen3_moe", {"norm_topk_prob": False, "tie_word_embeddings": True},
+                               {"renormalisation off": replace_extra(norm_topk_prob=True)}, ATTENTION[:2], False),
 }
 
 
@@ -163,6 +170,25 @@ def test_greedy_continuations_match_hf(case):
         assert o == ref, f"{name}, prompt of {len(p)} beside another: {mo.first_divergence(o, ref)}"
 
 
+@pytest.mark.parametrize("strategy", ["gather", "dense", "ragged"])
+def test_every_expert_strategy_matches_hf(case, strategy):
+    """Each way of running the experts (gather, dense, the ragged_dot grouped matmul; chosen by shape and backend
+    in the engine's paths) gives HF's MoE MLP of the first layer over random inputs."""
+    import torch
+
+    name, _, cfg, params, hf, _ = case
+    if family_for(cfg).name not in ("mixtral", "qwen3_moe"):
+        pytest.skip(f"{name} has no experts")
+    from jaxgen.models.moe import experts_mlp
+
+    x = np.random.default_rng(0).standard_normal((3, 5, cfg.hidden_size)).astype(np.float32)
+    block = hf.model.layers[0].mlp  # the sparse MoE block (transformers names Mixtral's `mlp` too)
+    with torch.no_grad():
+        ref = block(torch.from_numpy(x)).numpy()
+    ours = np.asarray(experts_mlp(cfg, params["layers"][0], jnp.asarray(x), strategy))
+    assert np.abs(ours - ref).max() <= 1e-5, f"{name} {strategy}: {np.abs(ours - ref).max():.1e}"
+
+
 # ----------------------------------------------------------------------------- loaders
 
 def gguf_arch(cfg) -> str | None:
@@ -221,3 +247,33 @@ def test_lora_matches_peft(case, tmp_path):
     print(f"{name}: LoRA ({', '.join(targets)}) max |logit diff| vs peft = {diff:.2e}")
     assert diff <= ATOL
     assert np.abs(ref - mo.hf_logits(mo.hf_load(directory), prompt)).max() > 0.1  # the adapter matters
+
+
+def test_lora_targets_outside_the_family_are_refused(case, tmp_path):
+    """An adapter on a module the family does not have, or on an MoE model's experts or router, is a
+    ModelLoadError naming it and the modules the family takes."""
+    import shutil
+
+    from jaxgen.errors import ModelLoadError
+    from jaxgen.models import lora as lora_lib
+
+    name, directory, cfg, _, _, _ = case
+    wrong = {"phi3": ["q_proj"], "mixtral": ["w1"], "qwen3_moe": ["gate_proj"]}.get(family_for(cfg).name)
+    if wrong is None:
+        pytest.skip(f"{name} takes every Llama target")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": wrong}))
+    with pytest.raises(ModelLoadError, match="experts" if family_for(cfg).name != "phi3" else "'q_proj'") as e:
+        lora_lib.load_adapter(adapter, cfg)
+    assert ", ".join(family_for(cfg).lora_targets) in str(e.value)
+    if family_for(cfg).name == "mixtral":  # a saved expert tensor, with a regex target
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ".*w1"}))
+        from safetensors.numpy import save_file
+        save_file({"base_model.model.model.layers.0.block_sparse_moe.experts.0.w1.lora_A.weight":
+                   np.zeros((4, cfg.hidden_size), np.float32)}, str(adapter / "adapter_model.safetensors"))
+        with pytest.raises(ModelLoadError, match="MoE experts"):
+            lora_lib.load_adapter(adapter, cfg)
+    shutil.rmtree(adapter)

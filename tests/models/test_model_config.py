@@ -149,6 +149,9 @@ FAMILY_REFUSALS = {
     "phi3 dynamic RoPE": ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
     "phi3 LongRoPE factors": ("phi3", {"rope_scaling": {"type": "su", "short_factor": [1.0] * 3,
                                                         "long_factor": [2.0] * 3}}, "16 values each"),
+    "qwen3_moe dense layers": ("qwen3_moe", {"num_experts": 4, "mlp_only_layers": [1]}, "mlp_only_layers"),
+    "mixtral activation": ("mixtral", {"num_local_experts": 4, "hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    "mixtral top-k": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 5}, "num_experts_per_tok=5"),
 }
 
 
