@@ -52,7 +52,7 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
-            rows: jax.Array | None = None, lora=None, adapters=None) -> tuple[jax.Array, Cache]:
+            rows: jax.Array | None = None, lora=None, adapters=None, mlp=gated_mlp) -> tuple[jax.Array, Cache]:
     """The one forward pass: tokens i32[B, T] at positions i32[B, T] against the KV cache.
 
     Row b writes its tokens' K/V into cache row `rows[b]` (None: row b) at their positions, then attends to
@@ -60,6 +60,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     chunks before it and itself, and decode is the case T = 1. Rows may share a cache row (consecutive chunks
     of one prompt in one call): every row's K/V of a layer is written before any row reads it. Padding
     tokens take the cache's spare last position. With `lora`, row b adds adapter `adapters[b]` (0 = none).
+    `mlp(layer, x, lora_layer, adapters)` is the feed-forward block (a family may swap it: the MoE's experts).
     Returns (hidden [B, T, D] before the final norm, cache).
     """
     step = step_of(tokens, positions, kv_len, rows)
@@ -71,7 +72,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
         q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, lo, adapters, qk_norm)
         attn, k_cache, v_cache = cached_attention(cfg, q, k, v, k_cache, v_cache, step, cfg.sliding_window)
         x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
-        x = x + gated_mlp(layer, rms_norm(x, layer["mlp_norm"], eps), lo, adapters)
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], eps), lo, adapters)
         return x, k_cache, v_cache
     return run_layers(params["embed"][tokens], params, cfg, cache, lora, block)
 

@@ -17,7 +17,6 @@ LoRA adapters may target the attention projections only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -28,8 +27,7 @@ from jaxgen.errors import ModelLoadError
 
 from . import gguf_loader, llama, qwen3
 from .config import ModelConfig, Params, base_fields_from_hf, refuse_features
-from .layers import (Cache, cached_attention, normal_init, project_qkv, rms_norm, rope_tables, run_layers, step_of,
-                     with_lora)
+from .layers import Cache, normal_init
 from .weights import experts_from_hf
 
 ARCHITECTURES = ("mixtral", "qwen3_moe")
@@ -116,19 +114,10 @@ def experts_mlp(cfg: ModelConfig, layer: Params, x: jax.Array, strategy: str | N
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
             rows: jax.Array | None = None, lora=None, adapters=None) -> tuple[jax.Array, Cache]:
-    """The one forward pass (the contract of `llama.forward`): tokens i32[B, T] at positions i32[B, T] against
-    the KV cache -> (hidden [B, T, D] before the final norm, cache)."""
-    step = step_of(tokens, positions, kv_len, rows)
-    cos, sin = rope_tables(cfg.rope_inv_freq(), positions)
-    eps = cfg.rms_norm_eps
-    qk_norm = functools.partial(rms_norm, eps=eps)
-
-    def block(i, layer, lo, x, k_cache, v_cache):
-        q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, lo, adapters, qk_norm)
-        attn, k_cache, v_cache = cached_attention(cfg, q, k, v, k_cache, v_cache, step, cfg.sliding_window)
-        x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
-        return x + experts_mlp(cfg, layer, rms_norm(x, layer["mlp_norm"], eps)), k_cache, v_cache
-    return run_layers(params["embed"][tokens], params, cfg, cache, lora, block)
+    """`llama.forward` with the experts as the feed-forward block (LoRA on the attention only)."""
+    def experts(layer, x, lora_layer, adapters):
+        return experts_mlp(cfg, layer, x)
+    return llama.forward(params, cfg, cache, tokens, positions, kv_len, rows, lora, adapters, mlp=experts)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
