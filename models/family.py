@@ -59,7 +59,7 @@ MIXTRAL, QWEN3_MOE = (
     Family(name, (arch,), moe.forward, llama.lm_logits, layers.init_cache, moe.init_params, moe.config_from_hf,
            moe.layer_from_hf, gguf_architectures=((gguf_arch, arch),), config_from_gguf=moe.config_from_gguf,
            gguf_tensors=moe.GGUF_TENSORS[arch], fields=moe.MoeFields, lora_targets=lora.ATTENTION_TARGETS,
-           gguf_experts=True)
+           gguf_experts=True, shard_specs=moe.SHARD_SPECS)
     for name, arch, gguf_arch in (("mixtral", "mixtral", "llama"), ("qwen3_moe", "qwen3_moe", "qwen3moe")))
 FAMILIES = (LLAMA, QWEN3, GEMMA, PHI3, MIXTRAL, QWEN3_MOE)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import ModelLoadError
+from jaxgen.mesh import make_mesh
 
 from .checkpoint import is_checkpoint, load_checkpoint
 from .gguf_loader import load_gguf
@@ -37,6 +38,7 @@ def load_model(model: str | os.PathLike | None = None, dtype=None, mesh=None):
     """(config, params, tokenizer, path) for `model`, in `dtype` (default: per backend), params placed on `mesh`
     (anything `jaxgen.mesh.make_mesh` takes; None: one device) in the layout it runs (`sharding.layout_for`)."""
     path = os.fspath(model) if model is not None else default_model_path()
+    mesh = make_mesh(mesh)  # a mesh that cannot be built is its own error, before any file is read
     if os.path.isdir(path):
         if is_checkpoint(path):
             return (*load_checkpoint(path, dtype, mesh), path)

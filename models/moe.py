@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxgen.errors import ModelLoadError
 
@@ -110,6 +111,12 @@ def experts_mlp(cfg: ModelConfig, layer: Params, x: jax.Array, strategy: str | N
         y = jnp.zeros((b * t * k, d), x.dtype).at[order].set(jax.lax.ragged_dot(h, down_w, sizes))
         out = jnp.einsum("nkd,nk->nd", y.reshape(b * t, k, d), weights)
     return out.reshape(b, t, d)
+
+
+# Every expert's columns split on `model` as the dense MLP's are (gate / up by output, down by input), the router
+# replicated: each device runs its slice of every expert a token is routed to, and one all-reduce sums them.
+SHARD_SPECS = (("experts_gate", P(None, None, "model")), ("experts_up", P(None, None, "model")),
+               ("experts_down", P(None, "model", None)))
 
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,

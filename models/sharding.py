@@ -88,6 +88,9 @@ def layout_for(cfg: ModelConfig, mesh=None) -> Layout:
                              "them (each KV head is then replicated)")
     if f % m:
         raise ModelLoadError(f"{where}: the model axis ({m}) must divide the MLP's {f} columns")
+    experts_f = getattr(cfg.extra, "expert_intermediate_size", None)  # an MoE's experts split as the MLP is
+    if experts_f and experts_f % m:
+        raise ModelLoadError(f"{where}: the model axis ({m}) must divide the experts' {experts_f} columns")
     return Layout(mesh, max(1, m // kvh), cfg.vocab_size % m == 0)
 
 
