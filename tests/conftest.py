@@ -54,6 +54,12 @@ _CORPUS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    """The texts the tiny tokenizer was trained on."""
+    return list(_CORPUS)
+
+
 def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     """A deterministic byte-level BPE (`tokenizers.Tokenizer`) with SmolLM2's three special tokens first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -24,7 +24,6 @@ from jaxgen.models import lora as lora_lib
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))  # the HF oracle helpers live with the model tests
 import model_oracle as mo  # noqa: E402
-from conftest import _CORPUS  # noqa: E402
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
@@ -43,9 +42,9 @@ def base_dir(make_tiny_hf_model):
 
 
 @pytest.fixture(scope="module")
-def corpus_ids(tiny_llm) -> np.ndarray:
+def corpus_ids(tiny_llm, tiny_corpus) -> np.ndarray:
     """The tiny tokenizer's own training text, tokenized: text the random model has never fit."""
-    return np.asarray(tiny_llm.tokenizer.encode("\n".join(_CORPUS)), np.int32)
+    return np.asarray(tiny_llm.tokenizer.encode("\n".join(tiny_corpus)), np.int32)
 
 
 def random_adapter(cfg, spec, seed: int):
