@@ -54,6 +54,15 @@ _CORPUS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def no_persistent_compile_cache(monkeypatch):
+    """CLI entry points called in-process leave JAX's persistent compilation cache off: turned on, it stays on
+    for the rest of the session, and writing it while other engines compile crashed the process (segfault in
+    `compilation_cache.put_executable_and_time`)."""
+    from jaxgen import cli
+    monkeypatch.setattr(cli, "enable_compile_cache", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus() -> list[str]:
     """The texts the tiny tokenizer was trained on."""
