@@ -17,6 +17,7 @@ import numpy as np
 from jaxgen.models import lora as lora_lib
 from jaxgen.models.checkpoint import save_checkpoint
 from jaxgen.models.family import family_for
+from jaxgen.models.layers import prompt_positions
 from jaxgen.models.loading import load_model
 from jaxgen.models.sharding import Layout, from_run_layout, layout_for, place_lora
 
@@ -41,9 +42,7 @@ def all_logits(params, cfg, tokens, length, lora=None, adapters=None):
     family = family_for(cfg)
     t = tokens.shape[1]
     cache = family.init_cache(cfg, 1, t, jax.tree.leaves(params)[0].dtype)
-    positions = jnp.where(jnp.arange(t, dtype=jnp.int32)[None, :] < length[:, None],
-                          jnp.arange(t, dtype=jnp.int32)[None, :], t)
-    hidden, _ = family.forward(params, cfg, cache, tokens, positions, t, None, lora, adapters)
+    hidden, _ = family.forward(params, cfg, cache, tokens, prompt_positions(length, t, t), t, None, lora, adapters)
     return family.lm_logits(params, cfg, hidden)
 
 

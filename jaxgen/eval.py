@@ -135,8 +135,10 @@ class JaxgenLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each context's continuation up to its stop strings (excluded), all requests batched in the engine."""
-        jobs = [(self._context_ids(context, kwargs), self._sampling(kwargs)) for context, kwargs in
-                [r.args for r in requests]]
+        jobs = []
+        for context, gen_kwargs in [r.args for r in requests]:
+            params = self._sampling(gen_kwargs)
+            jobs.append((self._context_ids(context, params.max_tokens), params))
         engine = self.llm.engine
         with tqdm(total=len(jobs), desc="jaxgen generate_until", disable=disable_tqdm) as bar:
             texts = list(run_windowed(
@@ -158,9 +160,8 @@ class JaxgenLM(TemplateLM):
             fields["temperature"] = 0.0
         return SamplingParams(max_tokens=max_tokens, stop=tuple(until), **fields)
 
-    def _context_ids(self, context: str, gen_kwargs: dict) -> list[int]:
+    def _context_ids(self, context: str, max_tokens: int) -> list[int]:
         """The context's ids, cut from the left to leave room for the generated tokens (as the `hf` backend)."""
-        max_tokens = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)["max_gen_toks"]
         room = self.max_length - max_tokens
         if room <= 0:
             raise ValueError(f"max_gen_toks={max_tokens} leaves no room for context in max_length={self.max_length}")
