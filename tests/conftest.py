@@ -1,4 +1,4 @@
-"""Shared test fixtures: JAX's persistent compilation cache, tiny random HF models, loaded LLMs.
+"""Shared test fixtures: tiny random HF models, loaded LLMs; JAX's persistent compilation cache stays off.
 
 Fixtures
     make_tiny_hf_model   session factory `(arch="llama", **overrides) -> Path`: a random-init HF model
@@ -26,9 +26,6 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # SmolLM2-Instruct's template (verbatim from the default GGUF's tokenizer.chat_template).
 CHATML_TEMPLATE = (
@@ -56,9 +53,9 @@ _CORPUS = [
 
 @pytest.fixture(autouse=True)
 def no_persistent_compile_cache(monkeypatch):
-    """CLI entry points called in-process leave JAX's persistent compilation cache off: turned on, it stays on
-    for the rest of the session, and writing it while other engines compile crashed the process (segfault in
-    `compilation_cache.put_executable_and_time`)."""
+    """The suite runs without JAX's persistent compilation cache, and CLI entry points called in-process leave
+    it off: with it on, writing an entry while other engines compiled crashed the suite (segfault in
+    `compilation_cache.put_executable_and_time`, serializing a CPU executable)."""
     from jaxgen import cli
     monkeypatch.setattr(cli, "enable_compile_cache", lambda: None)
 
