@@ -26,6 +26,25 @@ def lora_arg(value: str) -> tuple[str, str]:
     return adapter_id, path
 
 
+def positive_int(value: str) -> int:
+    """An argument that must be an integer >= 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def join_process_group(args) -> str | None:
+    """Join the multi-process group the serve options name (-> None), or say what is wrong with them."""
+    if args.coordinator is None and args.num_processes is None and args.process_id is None and not args.distributed:
+        return None
+    if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        return f"--process-id {args.process_id} must be in 0 .. {args.num_processes - 1} (--num-processes)"
+    from jaxgen import multihost
+
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `jaxgen` argument parser."""
     parser = argparse.ArgumentParser(prog="jaxgen", description=__doc__)
@@ -51,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mesh", default=None, metavar="data=D,model=M",
                        help="shard over a D × M device mesh: slots on data, heads, MLP columns and vocabulary on "
                             "model (D·M devices of those JAX sees; default: one device)")
+    serve.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="serve from several processes (hosts) over one mesh: process 0's address, which every "
+                            "process gives (jax.distributed); process 0 serves HTTP, the others follow its steps")
+    serve.add_argument("--num-processes", type=positive_int, default=None, help="processes in the group")
+    serve.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
+    serve.add_argument("--distributed", action="store_true",
+                       help="join a process group JAX detects itself (a TPU pod slice, SLURM, or "
+                            "$JAX_COORDINATOR_ADDRESS), as the three options above do")
     serve.add_argument("--allow-additional-properties", action="store_true",
                        help="JSON schemas without additionalProperties accept undeclared keys, as JSON Schema "
                             "says (default: strict, they refuse them)")
@@ -105,7 +132,12 @@ def run_serve(args) -> int:
     if len(set(ids)) != len(ids):
         print(f"error: --lora: an adapter id is given twice ({', '.join(ids)})", file=sys.stderr)
         return 2
+    problem = join_process_group(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     import jaxgen
+    from jaxgen import multihost
     from jaxgen.engine import EngineConfig
     from jaxgen.server import serve
 
@@ -130,6 +162,9 @@ def run_serve(args) -> int:
         llm.engine.warmup_in_background()
         print(f"ready to serve in {time.perf_counter() - start:.0f} s; the remaining shapes compile in the "
               "background (GET /health says \"warming\" until they are done)", flush=True)
+    if not multihost.is_leader():
+        print("following process 0, which serves HTTP", flush=True)
+        return multihost.follow(llm.engine)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key)
     return 0
 

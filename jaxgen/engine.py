@@ -12,6 +12,10 @@ Prompts are cut into chunks at fixed positions (multiples of `chunk`, and the re
 one), so a prompt's K/V never depends on what else was batched with it or on the prefix cache. While streams decode, long prompts' share of each turn is
 capped (`TurnClock`) so a long arrival stretches their inter-token gap by at most `decode_slowdown`. Programs are compiled ahead of time by shape (`compiled.py`).
 
+Every change to the device state is a named step with host inputs (`_step`), so several processes sharing
+one global mesh run the same steps: process 0's engine schedules and sends each step to the others, whose
+engines only replay them (`multihost.py`).
+
 Failures stay with their request where the device state is intact (a host-side error while starting or
 advancing one request fails that request alone); an error from a device program, after which the state
 is unknown, resets the engine and tells every request it touched.
@@ -39,7 +43,7 @@ from jaxgen.models.family import family_for
 from jaxgen.models.sharding import Layout, layout_for, state_shardings
 from jaxgen.sampling import SamplingParams, full_bitmask, make_row, row_key
 
-from . import programs
+from . import multihost, programs
 from .buckets import all_buckets, bucket_for
 from .compiled import ProgramTable
 from .detokenizer import IncrementalDetokenizer
@@ -212,10 +216,13 @@ class Engine:
         self.clock = TurnClock(config.decode_slowdown)
         self.programs = ProgramTable(self._lower, self._identity(), config.executable_cache)
         self.compile_error: BaseException | None = None
+        self.prefill_logits = None  # logits [B, V] of the last prefill call, which its prompts' choices start from
+        self.multiprocess = multihost.is_multiprocess()
         self.wake = threading.Condition()
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="jaxgen-engine", daemon=True)
-        self.thread.start()
+        if multihost.is_leader():  # a follower's engine only replays the leader's steps (`multihost.follow`)
+            self.thread.start()
         _LIVE_ENGINES.add(self)
 
     # ---- public, any thread
@@ -288,8 +295,10 @@ class Engine:
                 return
             self.closed.set()
             self.wake.notify()
-        if threading.current_thread() is not self.thread:
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join()
+        if self.multiprocess and multihost.is_leader():
+            multihost.send(multihost.STOP, ())
         self.programs.close()
         error = JaxgenError("the engine was closed")
         for request in self._running_requests() + list(self.waiting):
@@ -365,7 +374,7 @@ class Engine:
         """Everything besides the sources that a compiled program depends on (shardings and devices included)."""
         shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype), str(getattr(x, "sharding", None))),
                               (self.params, self.lora))
-        devices = [(d.id, d.process_index) for d in self.layout.mesh.devices.flat]
+        devices = [(d.id, d.process_index) for d in self.layout.mesh.devices.flat] + [jax.process_index()]
         return json.dumps([repr(self.cfg), self.family.name, dataclasses.astuple(self.config)[:2],
                            self.config.chunk, repr(shapes), self.layout.describe(), devices])
 
@@ -392,21 +401,21 @@ class Engine:
         """Whether programs are still being compiled in the background."""
         return self.programs.background is not None and self.programs.background.is_alive()
 
-    def _program(self, wanted: tuple, fallbacks: list[tuple]) -> tuple[tuple, Any]:
-        """(key, executable): `wanted`, or while it is still compiling in the background, the first ready of
-        `fallbacks` (larger shapes that also fit); compiled now only when none is ready."""
+    def _program(self, wanted: tuple, fallbacks: list[tuple]) -> tuple:
+        """The program key to run: `wanted`, or while it is still compiling in the background, the first ready of
+        `fallbacks` (larger shapes that also fit); `wanted` is compiled now (by the step) when none is ready."""
         ready = self.programs.first_ready([wanted, *fallbacks]) if self._compiling() else None
-        return ready or (wanted, self.programs.get(wanted))
+        return wanted if ready is None else ready[0]
 
     def _warm_helpers(self) -> None:
         """Trace the small jitted helpers once (key folding, slot start, copy, release), so no request traces them."""
         row = make_row(SamplingParams(), [0], row_key(None, 0, self.key_data, 0), self.cfg.vocab_size)
         for batch in self.prefill_row_buckets():
-            logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
-            self.state = programs.start_choice(self.state, self._put(logits), jnp.int32(0), jnp.int32(0),
-                                               jnp.int32(0), row, jnp.int32(0), layout=self.layout)
-        self.state = programs.copy_slot(self.state, jnp.int32(0), jnp.int32(0), layout=self.layout)
-        self.state = programs.release_slot(self.state, jnp.int32(0), layout=self.layout)
+            self.prefill_logits = self._put(np.zeros((batch, self.cfg.vocab_size), np.float32))
+            self.apply_step("start", 0, 0, 0, row, 0)
+        self.apply_step("copy", 0, 0)
+        self.apply_step("release", 0)
+        self.prefill_logits = None
         jax.block_until_ready(self.state)
 
     def _on_compile_error(self, error: BaseException) -> None:
@@ -417,6 +426,55 @@ class Engine:
         """A fresh decode state: every slot idle, its writes aimed at the spare column."""
         return programs.init_decode_state(self.family, self.cfg, self.config.num_slots, self.config.max_len,
                                           self.dtype, self.layout)
+
+    # ---- device steps: every change to the device state, by name, on host inputs only
+
+    def _step(self, op: str, *args):
+        """Run device step `op` (see `apply_step`), first sending it to the follower processes, if any."""
+        if self.multiprocess:
+            multihost.send(op, args)
+        return self._device(self.apply_step, op, *args)
+
+    def apply_step(self, op: str, *args):
+        """Device step `op` on host inputs (numpy arrays and numbers): the leader's `_step`, a follower's replay.
+
+        prefill (key, tokens, positions, slots, last, targets, adapters) -> scores; decode (key, bitmask rows or
+        None for all allowed) -> packed outputs; start (row in the last prefill call, slot, position, sampling
+        row, adapter); copy (src, dst); release (slot); reset (); idle ()."""
+        return getattr(self, f"_apply_{op}")(*args)
+
+    def _apply_prefill(self, key, tokens, positions, slots, last, targets, adapters):
+        """Run prompt chunks with program `key`; keeps their last logits for `start`, -> their scores (or None)."""
+        lora = (self.lora, None if self.lora is None else self._put(adapters))
+        self.state, self.prefill_logits, scores = self.programs.get(key)(
+            self.params, self.state, *self._put((tokens, positions, slots, last, targets)), *lora)
+        return scores
+
+    def _apply_decode(self, key, bitmask_rows):
+        """One decode step with program `key` -> packed outputs (`unpack_output`)."""
+        bitmask = self.bitmask if bitmask_rows is None else self._put(bitmask_rows)
+        self.state, packed = self.programs.get(key)(self.params, self.state, bitmask, self.eos_mask, self.lora)
+        return packed
+
+    def _apply_start(self, index, slot, position, row, adapter):
+        """Start a choice in `slot` from row `index` of the last prefill call's logits."""
+        self.state = programs.start_choice(self.state, self.prefill_logits, *self._put(
+            (np.int32(index), np.int32(slot), np.int32(position), row, np.int32(adapter))), layout=self.layout)
+
+    def _apply_copy(self, src, dst):
+        """Copy cache row `src` into row `dst`."""
+        self.state = programs.copy_slot(self.state, *self._put((np.int32(src), np.int32(dst))), layout=self.layout)
+
+    def _apply_release(self, slot):
+        """Return `slot` to idle."""
+        self.state = programs.release_slot(self.state, self._put(np.int32(slot)), layout=self.layout)
+
+    def _apply_reset(self):
+        """Start again from every slot idle (after a device failure)."""
+        self.state = self._empty_state()
+
+    def _apply_idle(self):
+        """Nothing: the leader's keep-alive."""
 
     # ---- engine thread
 
@@ -434,9 +492,7 @@ class Engine:
                         in_flight = None
                     self.clock.idle()
                     if not self.prefills:
-                        with self.wake:
-                            if not self.waiting and not self.closed.is_set():
-                                self.wake.wait()
+                        self._wait_for_work()
                     continue
                 if in_flight is not None and self._constrained():  # masks need step t's tokens first
                     self._process(*in_flight[:2])
@@ -454,6 +510,17 @@ class Engine:
             except Exception as e:  # a host-side bug outside any one request: the state may be inconsistent
                 in_flight = None
                 self._reset(JaxgenError(f"internal error in the engine: {e!r}"))
+
+    def _wait_for_work(self) -> None:
+        """Sleep until a request arrives or the engine closes; with followers, wake every IDLE_TICK_S to send
+        them an empty step (so a lost one is noticed while idle too)."""
+        with self.wake:
+            if self.waiting or self.closed.is_set():
+                return
+            self.wake.wait(multihost.IDLE_TICK_S if self.multiprocess else None)
+            idle = not self.waiting and not self.closed.is_set()
+        if idle and self.multiprocess:
+            self._step("idle")
 
     def _device(self, fn, *args, **kwargs):
         """Run one device program (or read one back); any failure marks the device state unknown."""
@@ -476,7 +543,7 @@ class Engine:
         self.prefills = []
         self.prefix = PrefixIndex(self.config.num_slots, self.config.chunk, self.config.prefix_cache)
         self.bitmask_rows[:] = -1  # no grammar survives: stale rows would mask the next unconstrained choices
-        self.state = self._empty_state()
+        self._step("reset")
 
     def _fail_request(self, request: Request, error: JaxgenError) -> None:
         """Fail one request whose device rows are intact: free its slots, tell it, leave the others running."""
@@ -488,7 +555,7 @@ class Engine:
                 self.choices[slot] = None
             self.bitmask_rows[slot] = -1
             self.prefix.forget(slot)  # a half-run prompt leaves nothing reusable
-            self.state = self._device(programs.release_slot, self.state, jnp.int32(slot), layout=self.layout)
+            self._step("release", slot)
         request.slots = []
         request.handle.deliver(error)
 
@@ -547,8 +614,7 @@ class Engine:
         if self.prefix.enabled and not (match.length and match.source == slot):
             self._keep_recent_prefix(slot, [s for s in free if s not in (slot, match.source)])
         if match.length and match.source != slot:
-            self.state = self._device(programs.copy_slot, self.state, jnp.int32(match.source), jnp.int32(slot),
-                                      layout=self.layout)
+            self._step("copy", match.source, slot)
         others = sorted(s for s in free if s != slot)[:request.params.n - 1]
         choice_slots = [slot, *others] if request.params.max_tokens > 0 else []
         request.slots = [slot, *others] if choice_slots else [slot]
@@ -566,8 +632,7 @@ class Engine:
             return
         oldest = self.prefix.victim(spare)
         if self.prefix.slots[oldest].last_used < self.prefix.slots[slot].last_used:
-            self.state = self._device(programs.copy_slot, self.state, jnp.int32(slot), jnp.int32(oldest),
-                                      layout=self.layout)
+            self._step("copy", slot, oldest)
             self.prefix.move(slot, oldest)
 
     def _prefill(self) -> int:
@@ -587,7 +652,7 @@ class Engine:
                 p.next += count
         if not rows:
             return 0
-        last_logits, scores = self._run_chunks(rows)
+        scores = self._run_chunks(rows)
         for b, (p, start, count) in enumerate(rows):
             if p.request.params.loglikelihood:
                 p.scores.append((start, count, scores, b))
@@ -597,7 +662,7 @@ class Engine:
                 continue
             self.prefills.remove(p)
             try:
-                self._complete(p, last_logits, b)
+                self._complete(p, b)
             except DeviceFailure:  # the reset that follows tells the running requests; this one is not among them
                 p.request.handle.deliver(JaxgenError("internal error on the device while starting this request"))
                 raise
@@ -629,18 +694,16 @@ class Engine:
         kv_len = next(k for k in windows if k >= needed)
         fallbacks = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in windows
                      if b >= batch and k >= kv_len and (b, k) != (batch, kv_len)]
-        (_, batch, _, _), program = self._program(("prefill", batch, kv_len, score), fallbacks)
+        key = self._program(("prefill", batch, kv_len, score), fallbacks)
         tokens, positions, targets, slots, last, adapters = (
-            pad_rows(a, batch, fill) for a, fill in
+            pad_rows(a, key[1], fill) for a, fill in
             ((tokens, 0), (positions, self.spare), (targets, 0), (slots, 0), (last, 0), (adapters, 0)))
-        lora = (self.lora, None if self.lora is None else self._put(adapters))
         self.counters["prefill_tokens"] += sum(c for _, _, c in rows)
-        self.state, last_logits, scores = self._device(
-            program, self.params, self.state, *self._put((tokens, positions, slots, last, targets)), *lora)
-        return last_logits, scores
+        return self._step("prefill", key, tokens, positions, slots, last, targets, adapters)
 
-    def _complete(self, p: Prefill, last_logits, b: int) -> None:
-        """A prompt is fully run: deliver its scores, then start its choices (or end a scoring-only request)."""
+    def _complete(self, p: Prefill, b: int) -> None:
+        """A prompt is fully run (row `b` of the last prefill call): deliver its scores, then start its choices
+        (or end a scoring-only request)."""
         request, params = p.request, p.request.params
         scores = self._read_scores(p) if params.loglikelihood else None
         request.handle.deliver(Admitted(len(p.ids), scores))
@@ -653,13 +716,11 @@ class Engine:
             return
         for index, slot in enumerate(p.choice_slots):
             if slot != p.slot:
-                self.state = self._device(programs.copy_slot, self.state, jnp.int32(p.slot), jnp.int32(slot),
-                                          layout=self.layout)
+                self._step("copy", p.slot, slot)
                 self.prefix.forget(slot)
             key = row_key(params.seed, index, self.key_data, request.handle.request_id)
             row = make_row(params, p.ids.tolist(), key, self.cfg.vocab_size)
-            self.state = self._device(programs.start_choice, self.state, last_logits, jnp.int32(b), jnp.int32(slot),
-                                      jnp.int32(len(p.ids)), row, jnp.int32(request.adapter), layout=self.layout)
+            self._step("start", b, slot, len(p.ids), row, request.adapter)
             matcher = request.grammar.matcher() if request.grammar is not None else None
             if matcher is not None:
                 matcher.fill_bitmask(self.bitmask_rows[slot])
@@ -691,9 +752,9 @@ class Engine:
         rows = next(b for b in buckets if b > max(c.slot for c in active))
         fallbacks = [("decode", r, k) for r in buckets for k in self.kv_buckets() if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
-        (_, rows, _), program = self._program(("decode", rows, kv_len), fallbacks)
-        bitmask = self._put(self.bitmask_rows) if self._constrained() else self.bitmask
-        self.state, packed = self._device(program, self.params, self.state, bitmask, self.eos_mask, self.lora)
+        key = self._program(("decode", rows, kv_len), fallbacks)
+        rows = key[1]
+        packed = self._step("decode", key, self.bitmask_rows if self._constrained() else None)
         for c in active:
             c.position += 1
         return packed, self.choices[:rows]
@@ -750,7 +811,7 @@ class Engine:
         self.choices[choice.slot] = None
         self.bitmask_rows[choice.slot] = -1
         self.prefix.touch(choice.slot)
-        self.state = self._device(programs.release_slot, self.state, jnp.int32(choice.slot), layout=self.layout)
+        self._step("release", choice.slot)
         request = choice.request
         request.completion_tokens += choice.generated
         siblings = [c for c in self.choices if c is not None and c.request is request]

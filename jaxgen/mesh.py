@@ -62,5 +62,8 @@ def make_mesh(mesh: "str | Mapping[str, int] | Mesh | None" = None, devices: Seq
     if needed > len(devices):
         raise MeshError(f"mesh {describe(sizes)} needs {needed} devices (data {sizes['data']} × model "
                         f"{sizes['model']}), but {len(devices)} exist")
+    if jax.process_count() > 1 and needed != len(devices):
+        raise MeshError(f"mesh {describe(sizes)} uses {needed} devices, but the {jax.process_count()} processes "
+                        f"serving together hold {len(devices)}: their mesh must use them all")
     grid = np.asarray(devices[:needed], dtype=object).reshape(sizes["data"], sizes["model"])
     return Mesh(grid, AXES)

@@ -57,8 +57,9 @@ def constrain(state: DecodeState, layout: Layout) -> DecodeState:
 
 
 def whole_rows(logits: jax.Array, layout: Layout) -> jax.Array:
-    """Logits [..., V] with the vocabulary gathered on every device (the sampler's top-k, top-p and logprobs
-    need the whole row), rows left to XLA."""
+    """`logits` whole on every device: a vocabulary split on `model` gathered (the sampler's top-k, top-p and
+    logprobs need the whole row), and outputs the host reads replicated (a process of a multi-host mesh can
+    read only arrays it holds whole)."""
     return jax.lax.with_sharding_constraint(logits, layout.sharding(P(*([None] * logits.ndim))))
 
 
@@ -104,7 +105,7 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, fam
     new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
                         logits=state.logits.at[:rows].set(logits),
                         positions=state.positions.at[:rows].set(jnp.minimum(positions + 1, last)))
-    return constrain(new, layout), pack_output(out)
+    return constrain(new, layout), whole_rows(pack_output(out), layout)
 
 
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "score", "layout"),
@@ -125,7 +126,10 @@ def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, t
     # size (XLA CPU's dot rounds differently for fewer rows).
     padded = jnp.pad(last_hidden, ((0, max(0, LOGIT_ROWS - batch)), (0, 0)))
     last_logits = whole_rows(family.lm_logits(params, cfg, padded)[:batch], layout)
-    scores = token_logprobs(family.lm_logits(params, cfg, hidden), targets, TOP_LOGPROBS) if score else None
+    scores = None
+    if score:
+        scores = jax.tree.map(lambda a: whole_rows(a, layout),
+                              token_logprobs(family.lm_logits(params, cfg, hidden), targets, TOP_LOGPROBS))
     return constrain(state.replace(cache=cache), layout), last_logits, scores
 
 
