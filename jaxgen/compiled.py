@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import threading
+import weakref
 from typing import Callable, Hashable, Sequence
 
 import jax
@@ -21,9 +22,11 @@ import jaxgen
 import jaxgen.models
 import jaxgen.sampling
 
-# Executables built in this process, by digest: engines of the same shapes share them, and an executable is
-# never deserialized into a process that already holds it (XLA CPU then fails to find its functions).
-_BUILT: dict[str, Callable] = {}
+# Executables alive in this process, by digest: engines of the same shapes share them, and an executable is
+# never deserialized into a process that already holds it (XLA CPU then fails to find its functions). Weak:
+# an executable goes when the last table holding it closes (each one keeps a few memory maps, and a process
+# creating many engines would otherwise reach the kernel's limit on them and crash).
+_BUILT: "weakref.WeakValueDictionary[str, Callable]" = weakref.WeakValueDictionary()
 _BUILT_LOCK = threading.Lock()
 
 

@@ -60,6 +60,18 @@ def no_persistent_compile_cache(monkeypatch):
     monkeypatch.setattr(cli, "enable_compile_cache", lambda: None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def drop_compiled_programs():
+    """After each test file, drop JAX's compiled programs that nothing holds any more: each keeps a few
+    memory maps, and the whole suite in one process would otherwise pass the kernel's limit on them
+    (vm.max_map_count, 65,530) and crash in XLA's compiler."""
+    yield
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus() -> list[str]:
     """The texts the tiny tokenizer was trained on."""
