@@ -41,7 +41,10 @@ def join_process_group(args) -> str | None:
         return f"--process-id {args.process_id} must be in 0 .. {args.num_processes - 1} (--num-processes)"
     from jaxgen import multihost
 
-    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as e:  # nothing to detect, an unreachable coordinator, a timeout
+        return f"could not join the process group: {e}"
     return None
 
 

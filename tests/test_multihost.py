@@ -133,3 +133,7 @@ def test_process_group_options_are_checked(capsys):
     assert "--process-id 2 must be in 0 .. 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--num-processes", "0"])
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COORDINATOR_ADDRESS"}
+    alone = subprocess.run([sys.executable, "-m", "jaxgen", "serve", "--distributed"], env=env, capture_output=True,
+                           text=True, timeout=120)  # nothing here for JAX to detect
+    assert alone.returncode == 2 and "could not join the process group" in alone.stderr, alone.stderr
