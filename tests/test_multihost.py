@@ -126,6 +126,30 @@ def test_the_follower_ends_when_the_leader_dies(model, tmp_path):
         stop(leader, follower)
 
 
+@pytest.mark.parametrize("size", [0, 1, 4091, 4092, 4093, 5000, 70_000])
+def test_steps_travel_whole_whatever_their_length(size):
+    """The framing of `multihost._broadcast` (one process: the broadcast returns its own bytes)."""
+    from jaxgen import multihost
+
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert multihost._broadcast(payload) == payload
+
+
+def test_a_sampling_row_travels_small_and_whole():
+    import jax
+    import numpy as np
+
+    from jaxgen import multihost
+    from jaxgen.sampling import SamplingParams, make_row
+
+    row = make_row(SamplingParams(temperature=0.7, logit_bias=((5, 2.0),)), [1, 2, 3], np.arange(2), 49_152)
+    data = multihost.encode_step("start", (0, 3, 17, row, 0))
+    assert len(data) < 4092  # one broadcast, though the row holds ~450 KB of arrays
+    op, (index, slot, position, back, adapter) = multihost.decode_step(multihost._broadcast(data))
+    assert (op, index, slot, position, adapter) == ("start", 0, 3, 17, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(back)))
+
+
 def test_process_group_options_are_checked(capsys):
     from jaxgen.cli import main
 
