@@ -54,8 +54,8 @@ _CORPUS = [
 @pytest.fixture(autouse=True)
 def no_persistent_compile_cache(monkeypatch):
     """The suite runs without JAX's persistent compilation cache, and CLI entry points called in-process leave
-    it off: with it on, writing an entry while other engines compiled crashed the suite (segfault in
-    `compilation_cache.put_executable_and_time`, serializing a CPU executable)."""
+    it off: turned on by one test, it would stay on for every later one and write to the user's cache
+    directory."""
     from jaxgen import cli
     monkeypatch.setattr(cli, "enable_compile_cache", lambda: None)
 
