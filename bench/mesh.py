@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--meshes", default="model=3;data=2,model=3;data=8", help="';'-separated, on 8 devices")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--processes", type=int, default=1, help="processes sharing each mesh's devices (it must divide them)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes sharing each mesh's devices (it must divide them)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--group", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -104,7 +105,8 @@ def main() -> None:
         devices = 8 if args.processes == 1 else math.prod(parse_mesh(mesh).values())
         r = run(mesh, devices, args.new_tokens, args.model, args.processes)
         same = all(r[b]["tokens"] == base[b]["tokens"] for b in ("batch 1", "batch 8"))
-        print(f"{devices} devices in {r['processes']} process(es) {r['mesh']:>16}: decode step batch 1 {r['batch 1']['step_ms']:7.1f} ms "
+        print(f"{devices} devices in {r['processes']} process(es) {r['mesh']:>16}: decode step batch 1 "
+              f"{r['batch 1']['step_ms']:7.1f} ms "
               f"({r['batch 1']['step_ms'] / base['batch 1']['step_ms']:.2f}x), batch 8 "
               f"{r['batch 8']['step_ms']:7.1f} ms ({r['batch 8']['step_ms'] / base['batch 8']['step_ms']:.2f}x); "
               f"greedy tokens {'identical' if same else 'DIFFER'} to 1 device")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -37,8 +38,9 @@ def join_process_group(args) -> str | None:
     """Join the multi-process group the serve options name (-> None), or say what is wrong with them."""
     if args.coordinator is None and args.num_processes is None and args.process_id is None and not args.distributed:
         return None
-    if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-        return f"--process-id {args.process_id} must be in 0 .. {args.num_processes - 1} (--num-processes)"
+    if args.process_id is not None and (args.process_id < 0 or args.process_id >= (args.num_processes or math.inf)):
+        last = "N-1" if args.num_processes is None else args.num_processes - 1
+        return f"--process-id {args.process_id} must be in 0 .. {last} (--num-processes)"
     from jaxgen import multihost
 
     try:

@@ -238,6 +238,9 @@ class Engine:
         restart, makes its first `split` tokens reusable by later prompts with the same split (several
         continuations of one context, scored: the context then runs once).
         """
+        if not multihost.is_leader():
+            raise JaxgenError(f"process {jax.process_index()} follows process 0's steps; only process 0 takes "
+                              "requests")
         params.validate(self.cfg.vocab_size)
         self.check_prompt(prompt_ids, params, param)
         if split is not None and not 0 < split < len(prompt_ids):

@@ -56,11 +56,11 @@ def constrain(state: DecodeState, layout: Layout) -> DecodeState:
     return jax.lax.with_sharding_constraint(state, state_shardings(state, layout))
 
 
-def whole_rows(logits: jax.Array, layout: Layout) -> jax.Array:
-    """`logits` whole on every device: a vocabulary split on `model` gathered (the sampler's top-k, top-p and
+def whole_rows(x: jax.Array, layout: Layout) -> jax.Array:
+    """`x` whole on every device: a vocabulary split on `model` gathered (the sampler's top-k, top-p and
     logprobs need the whole row), and outputs the host reads replicated (a process of a multi-host mesh can
     read only arrays it holds whole)."""
-    return jax.lax.with_sharding_constraint(logits, layout.sharding(P(*([None] * logits.ndim))))
+    return jax.lax.with_sharding_constraint(x, layout.sharding(P(*([None] * x.ndim))))
 
 
 def spare_position(state: DecodeState) -> int:

@@ -28,6 +28,7 @@ REQUESTS = [
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,6 +81,7 @@ def exits_within(process, seconds: float) -> tuple[int, str]:
 
 
 def stop(*processes) -> None:
+    """Kill whichever of `processes` still run, and reap them."""
     for p in processes:
         if p.poll() is None:
             p.kill()
@@ -155,9 +157,23 @@ def test_process_group_options_are_checked(capsys):
 
     assert main(["serve", "--num-processes", "2", "--process-id", "2"]) == 2
     assert "--process-id 2 must be in 0 .. 1" in capsys.readouterr().err
+    assert main(["serve", "--process-id", "-1"]) == 2
+    assert "--process-id -1 must be in 0 .. N-1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--num-processes", "0"])
     env = {k: v for k, v in os.environ.items() if k != "JAX_COORDINATOR_ADDRESS"}
     alone = subprocess.run([sys.executable, "-m", "jaxgen", "serve", "--distributed"], env=env, capture_output=True,
                            text=True, timeout=120)  # nothing here for JAX to detect
     assert alone.returncode == 2 and "could not join the process group" in alone.stderr, alone.stderr
+
+
+def test_a_follower_refuses_requests(tiny_llm, monkeypatch):
+    """Only process 0 schedules: a request given to a follower's engine is refused at once, never left waiting."""
+    from jaxgen import multihost
+    from jaxgen.errors import JaxgenError
+    from jaxgen.sampling import SamplingParams
+
+    engine = tiny_llm.engine
+    monkeypatch.setattr(multihost, "is_leader", lambda: False)
+    with pytest.raises(JaxgenError, match="only process 0 takes requests"):
+        engine.submit([3, 4, 5], SamplingParams(max_tokens=2))
