@@ -16,6 +16,7 @@ import weakref
 from typing import Callable, Hashable, Sequence
 
 import jax
+from jax._src import config as jax_config  # the thread-local switch for JAX's persistent cache (see _compile)
 from jax.experimental import serialize_executable
 
 import jaxgen
@@ -124,7 +125,7 @@ class ProgramTable:
             if program is not None:
                 self.loaded_count += 1
             else:
-                program = self.lower(key).compile()
+                program = self._compile(key)
                 self._store(key, program)
                 self.compiled_count += 1
             with _BUILT_LOCK:
@@ -132,6 +133,15 @@ class ProgramTable:
         with self.lock:
             self.ready[key] = program
         return program
+
+    def _compile(self, key: Hashable) -> Callable:
+        """Lower and compile key's program. An executable to be stored is compiled past JAX's persistent cache
+        (on this thread only): on XLA CPU, one that JAX loaded from its cache serializes without its kernels,
+        and a later process running it fails ("Function wrapped_slice not found")."""
+        if self.cache_dir is None:
+            return self.lower(key).compile()
+        with jax_config.enable_compilation_cache(False):
+            return self.lower(key).compile()
 
     def _load(self, key: Hashable) -> Callable | None:
         """The deserialized executable of `key`, or None (no cache, no entry, or an unreadable one)."""
