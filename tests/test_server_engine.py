@@ -627,10 +627,13 @@ def test_sixteen_concurrent_streams_each_get_what_they_get_alone(llm, base_url):
 
 @pytest.fixture(scope="module")
 def long_llm(tiny_llm):
-    """The tiny model with a 4096-position context (RoPE needs no table), so a request can run for seconds."""
+    """The tiny model with a 4096-position context (RoPE needs no table), so a request can run for seconds;
+    compiled before the tests, so a request decodes within the 1.5 s a client below waits."""
     cfg = dataclasses.replace(tiny_llm.cfg, max_position_embeddings=4096)
-    return jaxgen.LLM(cfg, tiny_llm.params, tiny_llm.tokenizer, model_id="tiny-long",
-                      engine_config=EngineConfig(num_slots=2, max_len=4096))
+    llm = jaxgen.LLM(cfg, tiny_llm.params, tiny_llm.tokenizer, model_id="tiny-long",
+                     engine_config=EngineConfig(num_slots=2, max_len=4096))
+    llm.engine.warmup()
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -666,7 +669,7 @@ def test_client_disconnecting_mid_stream_frees_its_slot(long_llm, long_url):
             choice = running_choice(long_llm)
         # leaving the block closes the connection mid-stream
     hung_up = time.monotonic()
-    # within seconds, not the minutes its 4,000 tokens would take (a program compiling on first use may delay it)
+    # within seconds, not the minutes its 4,000 tokens would take
     assert wait_for(lambda: long_llm.engine_stats()["running_slots"] == 0, 10.0), long_llm.engine_stats()
     assert time.monotonic() - hung_up < 2.0
     assert choice.finished and choice.generated < LONG_BODY["max_tokens"]  # stopped early, not run out
@@ -687,7 +690,7 @@ def test_client_timing_out_on_a_non_streamed_request_frees_its_slot(long_llm, lo
     choice = running_choice(long_llm)
     thread.join(30)
     assert not thread.is_alive() and len(errors) == 1  # the client gave up
-    # within seconds, not the minutes its 4,000 tokens would take (a program compiling on first use may delay it)
+    # within seconds, not the minutes its 4,000 tokens would take
     assert wait_for(lambda: long_llm.engine_stats()["running_slots"] == 0, 10.0), long_llm.engine_stats()
     assert choice.finished and choice.generated < LONG_BODY["max_tokens"]
     # and the server still answers
