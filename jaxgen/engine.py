@@ -55,7 +55,7 @@ from .stops import StopStringMatcher
 MIN_KV_BUCKET = 128
 PREFILL_ROW_BUCKETS = (1, 2, 4, 8, 16, 32)  # prompt chunks per prefill call (padded up to one of these)
 MIN_PREFILL_ROWS = 64  # token rows of a prefill call: fewer round differently on XLA CPU (see row_buckets)
-SHORT_PROMPT_CHUNKS = 2  # prompts with at most this many chunks left are not held back for running streams
+SHORT_PROMPT_CHUNKS = 2  # prompts of at most this many chunks to run are not held back for running streams
 MIN_DECODE_ROWS_GEMM = 8  # decode batches of 2..8 rows run as 8 (one rounding class; see row_buckets)
 
 
@@ -84,6 +84,7 @@ class Prefill:
     slot: int
     choice_slots: list[int]  # the n slots its choices will decode in (the first is `slot`); [] to score only
     next: int  # the first prompt position not dispatched yet
+    short: bool  # at most SHORT_PROMPT_CHUNKS chunks to run from the start: never held back for running streams
     scores: list = dataclasses.field(default_factory=list)  # (start, count, device scores, row) per scored chunk
     reused_scores: tuple | None = None  # host scores of the reused prefix
 
@@ -626,7 +627,9 @@ class Engine:
             reused_scores = tuple(a[:match.length] for a in self.prefix.slots[match.source].scores)
         self.prefix.claim(slot, ids, request.adapter, request.params.loglikelihood, match, request.split)
         self.counters["prompt_tokens"] += len(ids)
-        self.prefills.append(Prefill(request, ids, slot, choice_slots, match.length, reused_scores=reused_scores))
+        short = len(ids) - match.length <= SHORT_PROMPT_CHUNKS * self.config.chunk
+        self.prefills.append(Prefill(request, ids, slot, choice_slots, match.length, short,
+                                     reused_scores=reused_scores))
 
     def _keep_recent_prefix(self, slot: int, spare: list[int]) -> None:
         """Before `slot` is overwritten, move its prefix into the least recently used of the free `spare` slots
@@ -640,16 +643,16 @@ class Engine:
 
     def _prefill(self) -> int:
         """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget; -> the
-        prompt tokens it runs. While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks left)
-        share only what `TurnClock` allows, so they cannot stall the streams; short ones still start at once."""
+        prompt tokens it runs. While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run)
+        share only what `TurnClock` allows, their last chunks included, so they cannot stall the streams; short
+        ones still start at once."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
         long_rows = most
         if any(self.choices):
             long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk) // self.config.chunk))
         for p in self.prefills:
-            short = len(p.ids) - p.next <= SHORT_PROMPT_CHUNKS * self.config.chunk
-            while p.next < len(p.ids) and len(rows) < (most if short else long_rows):
+            while p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
                 count = chunk_end(p.next, len(p.ids), self.config.chunk, p.request.split) - p.next
                 rows.append((p, p.next, count))
                 p.next += count

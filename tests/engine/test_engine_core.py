@@ -21,6 +21,7 @@ from jaxgen.errors import InvalidRequestError, JaxgenError
 from jaxgen.events import Admitted, ChoiceUpdate, Done
 from jaxgen.prefix import chunk_end, shared_chunk_end
 from jaxgen.sampling import SamplingParams
+from server_helpers import wait_for
 
 CORE = EngineConfig(num_slots=8, max_len=256, max_queue=512, seed=0, chunk=64, prefill_budget=256)
 SYSTEM = list(range(3, 3 + 70))  # a shared "system prompt": four whole chunks and some
@@ -406,6 +407,7 @@ import jax.numpy as jnp
 import jaxgen
 from jaxgen.engine import EngineConfig
 from jaxgen.sampling import SamplingParams
+from server_helpers import wait_for
 config = EngineConfig(**json.loads(sys.argv[2]))
 with jaxgen.load(sys.argv[1], dtype=jnp.float32, engine_config=config) as llm:
     llm.engine.warmup()
@@ -458,6 +460,33 @@ def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
         clock.turn_read(tokens)
     assert clock.budget(512) == 32
     assert clock.budget(16) == 16
+
+
+def test_long_prompts_are_held_back_to_their_last_chunk_while_streams_decode(tiny_llm):
+    """With a stream decoding and no prefill allowed beyond the minimum, a 7-chunk prompt runs one chunk a
+    call to its end (its last two chunks are not "short"), while a 2-chunk prompt arriving with it runs
+    whole in one call."""
+    with tiny_engine_llm(tiny_llm, chunk=16) as llm:
+        engine = llm.engine
+        engine.clock.budget = lambda most: 0
+        calls = []
+        run_chunks = engine._run_chunks
+
+        def recording(rows):
+            calls.append([len(p.ids) for p, _, _ in rows])
+            return run_chunks(rows)
+        engine._run_chunks = recording
+        stream = engine.submit([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True))
+        assert wait_for(lambda: any(engine.choices), 30.0)
+        long, short = list(range(3, 103)), list(range(110, 140))
+        handles = [engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=1)) for ids in (long, short)]
+        for h in handles:
+            record(h)
+        assert any(engine.choices), "the stream ended before the prompts ran"
+        record(stream)
+    long_calls = [c.count(len(long)) for c in calls if len(long) in c]
+    assert long_calls == [1] * 7
+    assert [c.count(len(short)) for c in calls if len(short) in c] == [2]
 
 
 @pytest.mark.parametrize("max_len", [64, 32])
