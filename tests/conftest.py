@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny random HF models, loaded LLMs; one compilation cache for the whole run.
+"""Shared test fixtures: tiny random HF models, loaded LLMs; the longest files first; JAX's persistent
+compilation cache stays off.
 
 Fixtures
     make_tiny_hf_model   session factory `(arch="llama", **overrides) -> Path`: a random-init HF model
@@ -56,28 +57,21 @@ _CORPUS = [
 LONGEST_FILES = ("test_mesh.py", "test_notebook.py", "test_lm_eval.py", "test_multihost.py")
 
 
-def pytest_configure(config):
-    """One JAX persistent compilation cache for the run, in a temporary directory that the xdist workers and the
-    processes tests start (servers, notebook kernels, mesh children) share through the environment: a program
-    several files compile is compiled once. The user's own cache directory is never written (the CLI keeps a
-    directory already set)."""
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run (xdist's controller)
-        import atexit
-        import shutil
-        import tempfile
-
-        directory = tempfile.mkdtemp(prefix="jaxgen-test-xla-")
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-
-
 def pytest_collection_modifyitems(items):
     """LONGEST_FILES first, in that order; everything else keeps its place."""
     def rank(item):
         name = item.path.name
         return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
     items.sort(key=rank)
+
+
+@pytest.fixture(autouse=True)
+def no_persistent_compile_cache(monkeypatch):
+    """The suite runs without JAX's persistent compilation cache, and CLI entry points called in-process leave
+    it off: turned on by one test, it would stay on for every later one and write to the user's cache
+    directory."""
+    from jaxgen import cli
+    monkeypatch.setattr(cli, "enable_compile_cache", lambda: None)
 
 
 @pytest.fixture(autouse=True, scope="module")
