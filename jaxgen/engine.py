@@ -110,35 +110,40 @@ class TurnClock:
     turn (a 2,000-token arrival is spread over several turns instead of stalling every stream).
 
     A turn's duration is measured between two consecutive read-backs of decode steps: the device ran that
-    turn's prefill call and its decode step in between. Estimates are exponential moving averages."""
+    turn's prefill call and its decode step in between. Estimates are exponential moving averages; a prompt
+    token's cost is kept per attention window of its call (a chunk at window 2048 costs a few times one at
+    128), so a window not measured yet gets the minimum of one chunk instead of a cheaper window's budget."""
 
     def __init__(self, slowdown: float, smoothing: float = 0.3, now=time.perf_counter):
         self.slowdown, self.smoothing, self.now = slowdown, smoothing, now
         self.decode_s: float | None = None  # a decode-only turn
-        self.token_s: float | None = None  # one prompt token of prefill
+        self.token_s: dict[int, float] = {}  # one prompt token of prefill, by the attention window of its call
         self.last: float | None = None
 
-    def turn_read(self, prefill_tokens: int) -> None:
-        """A decode step was read back; `prefill_tokens` ran in the same turn, just before it."""
+    def turn_read(self, prefill_tokens: int, window: int = 0) -> None:
+        """A decode step was read back; `prefill_tokens` ran in the same turn, just before it, in a call of
+        attention `window`."""
         now = self.now()
         if self.last is not None:
             elapsed = now - self.last
             if prefill_tokens == 0:
                 self.decode_s = self._mix(self.decode_s, elapsed)
             elif self.decode_s is not None:
-                self.token_s = self._mix(self.token_s, max(elapsed - self.decode_s, 0.0) / prefill_tokens)
+                cost = max(elapsed - self.decode_s, 0.0) / prefill_tokens
+                self.token_s[window] = self._mix(self.token_s.get(window), cost)
         self.last = now
 
     def idle(self) -> None:
         """No decode step is in flight: the next interval would include waiting, not work."""
         self.last = None
 
-    def budget(self, most: int) -> int:
-        """Prompt tokens a turn may prefill while streams decode (at most `most`; until both costs are measured,
-        none beyond the caller's minimum of one chunk)."""
-        if self.decode_s is None or not self.token_s:
+    def budget(self, most: int, window: int) -> int:
+        """Prompt tokens a turn may prefill at attention `window` while streams decode (at most `most`; until
+        both costs are measured there, none beyond the caller's minimum of one chunk)."""
+        token_s = self.token_s.get(window)
+        if self.decode_s is None or not token_s:
             return 0
-        return int(min(most, (self.slowdown - 1.0) * self.decode_s / self.token_s))
+        return int(min(most, (self.slowdown - 1.0) * self.decode_s / token_s))
 
     def _mix(self, old: float | None, new: float) -> float:
         """The moving average of `old` updated with `new`."""
@@ -500,13 +505,13 @@ class Engine:
                     continue
                 if in_flight is not None and self._constrained():  # masks need step t's tokens first
                     self._process(*in_flight[:2])
-                    self.clock.turn_read(in_flight[2])
+                    self.clock.turn_read(*in_flight[2])
                     in_flight = None
                     continue
                 next_flight = (*self._dispatch(), prefilled)
                 if in_flight is not None:
                     self._process(*in_flight[:2])
-                    self.clock.turn_read(in_flight[2])
+                    self.clock.turn_read(*in_flight[2])
                 in_flight = next_flight
             except DeviceFailure as e:
                 in_flight = None
@@ -641,24 +646,28 @@ class Engine:
             self._step("copy", slot, oldest)
             self.prefix.move(slot, oldest)
 
-    def _prefill(self) -> int:
+    def _prefill(self) -> tuple[int, int]:
         """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget; -> the
-        prompt tokens it runs. While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run)
+        prompt tokens it runs and its attention window (0 when none). While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run)
         share only what `TurnClock` allows, their last chunks included, so they cannot stall the streams; short
         ones still start at once."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
         long_rows = most
-        if any(self.choices):
-            long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk) // self.config.chunk))
+        waiting_long = [p for p in self.prefills if not p.short]
+        if any(self.choices) and waiting_long:
+            first = waiting_long[0]
+            window = self._prefill_window(first.request.params.loglikelihood,
+                                          min(first.next + self.config.chunk, len(first.ids)))
+            long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk, window) // self.config.chunk))
         for p in self.prefills:
             while p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
                 count = chunk_end(p.next, len(p.ids), self.config.chunk, p.request.split) - p.next
                 rows.append((p, p.next, count))
                 p.next += count
         if not rows:
-            return 0
-        scores = self._run_chunks(rows)
+            return 0, 0
+        scores, window = self._run_chunks(rows)
         for b, (p, start, count) in enumerate(rows):
             if p.request.params.loglikelihood:
                 p.scores.append((start, count, scores, b))
@@ -676,10 +685,15 @@ class Engine:
                 self._fail_request(p.request, e)
             except Exception as e:
                 self._fail_request(p.request, JaxgenError(f"internal error starting the request: {e!r}"))
-        return sum(count for _, _, count in rows)
+        return sum(count for _, _, count in rows), window
+
+    def _prefill_window(self, score: bool, needed: int) -> int:
+        """The attention window of a prefill call whose rows reach position `needed` - 1."""
+        return next(k for k in self.prefill_windows(score) if k >= needed)
 
     def _run_chunks(self, rows):
-        """One `prefill_chunks` call over `rows` [(prefill, start, count)], padded to a bucket."""
+        """One `prefill_chunks` call over `rows` [(prefill, start, count)], padded to a bucket; -> (scores, the
+        attention window of the program run)."""
         chunk = self.config.chunk
         batch = next(b for b in self.prefill_row_buckets() + [len(rows)] if b >= len(rows))
         tokens = np.zeros((batch, chunk), np.int32)
@@ -697,7 +711,7 @@ class Engine:
         score = any(p.request.params.loglikelihood for p, _, _ in rows)
         needed = max(int(positions[b, :c].max()) for b, (_, _, c) in enumerate(rows)) + 1
         windows = self.prefill_windows(score)
-        kv_len = next(k for k in windows if k >= needed)
+        kv_len = self._prefill_window(score, needed)
         fallbacks = [("prefill", b, k, score) for b in self.prefill_row_buckets() for k in windows
                      if b >= batch and k >= kv_len and (b, k) != (batch, kv_len)]
         key = self._program(("prefill", batch, kv_len, score), fallbacks)
@@ -705,7 +719,7 @@ class Engine:
             pad_rows(a, key[1], fill) for a, fill in
             ((tokens, 0), (positions, self.spare), (targets, 0), (slots, 0), (last, 0), (adapters, 0)))
         self.counters["prefill_tokens"] += sum(c for _, _, c in rows)
-        return self._step("prefill", key, tokens, positions, slots, last, targets, adapters)
+        return self._step("prefill", key, tokens, positions, slots, last, targets, adapters), key[2]
 
     def _complete(self, p: Prefill, b: int) -> None:
         """A prompt is fully run (row `b` of the last prefill call): deliver its scores, then start its choices

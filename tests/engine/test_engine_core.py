@@ -407,7 +407,6 @@ import jax.numpy as jnp
 import jaxgen
 from jaxgen.engine import EngineConfig
 from jaxgen.sampling import SamplingParams
-from server_helpers import wait_for
 config = EngineConfig(**json.loads(sys.argv[2]))
 with jaxgen.load(sys.argv[1], dtype=jnp.float32, engine_config=config) as llm:
     llm.engine.warmup()
@@ -450,16 +449,19 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
 
 
 def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
-    """Decode-only turns of 0.125 s, then one with 64 prompt tokens taking 0.625 s (7.8 ms a token): a turn may
-    then prefill (3 - 1) x 0.125 s / 7.8 ms = 32 tokens; before both are measured, nothing beyond one chunk."""
+    """Decode-only turns of 0.125 s, then one with 64 prompt tokens at window 2048 taking 0.625 s (7.8 ms a
+    token): a turn may then prefill (3 - 1) x 0.125 s / 7.8 ms = 32 tokens at that window; before both are
+    measured, and at a window never measured, nothing beyond one chunk."""
     from jaxgen.engine import TurnClock
     times = iter([0.0, 0.125, 0.25, 0.375, 1.0])
     clock = TurnClock(slowdown=3.0, smoothing=1.0, now=lambda: next(times))
-    assert clock.budget(512) == 0
-    for tokens in [0, 0, 0, 0, 64]:
+    assert clock.budget(512, 2048) == 0
+    for tokens in [0, 0, 0, 0]:
         clock.turn_read(tokens)
-    assert clock.budget(512) == 32
-    assert clock.budget(16) == 16
+    clock.turn_read(64, 2048)
+    assert clock.budget(512, 2048) == 32
+    assert clock.budget(16, 2048) == 16
+    assert clock.budget(512, 128) == 0
 
 
 def test_long_prompts_are_held_back_to_their_last_chunk_while_streams_decode(tiny_llm):
@@ -468,7 +470,7 @@ def test_long_prompts_are_held_back_to_their_last_chunk_while_streams_decode(tin
     whole in one call."""
     with tiny_engine_llm(tiny_llm, chunk=16) as llm:
         engine = llm.engine
-        engine.clock.budget = lambda most: 0
+        engine.clock.budget = lambda most, window: 0
         calls = []
         run_chunks = engine._run_chunks
 
