@@ -655,10 +655,9 @@ class Engine:
         most = self._prefill_rows_ready()
         long_rows = most
         waiting_long = [p for p in self.prefills if not p.short]
-        if any(self.choices) and waiting_long:
-            first = waiting_long[0]
-            window = self._prefill_window(first.request.params.loglikelihood,
-                                          min(first.next + self.config.chunk, len(first.ids)))
+        if any(self.choices) and waiting_long:  # budgeted at the widest window these prompts reach (an upper bound)
+            window = self._prefill_window(any(p.request.params.loglikelihood for p in waiting_long),
+                                          max(len(p.ids) for p in waiting_long))
             long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk, window) // self.config.chunk))
         for p in self.prefills:
             while p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
