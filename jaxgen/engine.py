@@ -648,17 +648,17 @@ class Engine:
 
     def _prefill(self) -> tuple[int, int]:
         """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget; -> the
-        prompt tokens it runs and its attention window (0 when none). While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run)
-        share only what `TurnClock` allows, their last chunks included, so they cannot stall the streams; short
-        ones still start at once."""
+        prompt tokens it runs and its attention window (0 when none). While streams decode, long prompts (more
+        than SHORT_PROMPT_CHUNKS chunks to run) share only what `TurnClock` allows, their last chunks included,
+        so they cannot stall the streams; short ones still start at once."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
         long_rows = most
         waiting_long = [p for p in self.prefills if not p.short]
         if any(self.choices) and waiting_long:  # budgeted at the widest window these prompts reach (an upper bound)
-            window = self._prefill_window(any(p.request.params.loglikelihood for p in waiting_long),
+            widest = self._prefill_window(any(p.request.params.loglikelihood for p in waiting_long),
                                           max(len(p.ids) for p in waiting_long))
-            long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk, window) // self.config.chunk))
+            long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk, widest) // self.config.chunk))
         for p in self.prefills:
             while p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
                 count = chunk_end(p.next, len(p.ids), self.config.chunk, p.request.split) - p.next
