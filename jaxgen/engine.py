@@ -283,17 +283,21 @@ class Engine:
     def warmup(self) -> None:
         """Compile (or load) every program a workload can reach, so no request ever waits for a compile."""
         self.programs.build_all(self.program_keys())
-        self._warm_helpers()
+        self._warm_key_folding()
 
     def warmup_in_background(self) -> None:
         """Compile the programs that serve every shape first (the largest), then the rest in a background thread
-        while requests are served; `stats()["warming"]` is 0 once all are done."""
+        while requests are served: a short request's own programs first (the covering decode step costs a short
+        request ~10x its own step), then the widest prefills, then by window. `stats()["warming"]` is 0 once all
+        are done."""
         keys = self.program_keys()
         essential = [k for k in keys if k in self._covering_keys()]
         self.programs.build_all(essential)
-        self._warm_helpers()
-        most, kv = self.prefill_row_buckets()[-1], self.kv_buckets()[-1]
-        first = [("prefill", most, kv, False), ("prefill", most, kv, True)]
+        self._warm_key_folding()
+        most, kv, least = self.prefill_row_buckets()[-1], self.kv_buckets()[-1], self.kv_buckets()[0]
+        first = [("decode", 1, least), ("prefill", 1, least, False), ("prefill", most, kv, False),
+                 ("prefill", most, kv, True)]
+        first = [k for k in dict.fromkeys(first) if k in keys and k not in essential]
         rest = sorted((k for k in keys if k not in essential and k not in first), key=lambda k: (k[0], k[2], k[1]))
         self.programs.build_in_background(first + rest, self._on_compile_error)
 
@@ -343,11 +347,17 @@ class Engine:
         return all_buckets(self.config.max_len, min(MIN_KV_BUCKET, self.config.max_len))
 
     def program_keys(self) -> list[tuple]:
-        """Every program shape: ("decode", rows, kv_len) and ("prefill", chunks, kv_len, score)."""
+        """Every program shape: ("decode", rows, kv_len), ("prefill", chunks, kv_len, score) and the slot steps
+        (`slot_step_keys`)."""
         decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in self.kv_buckets()]
         prefill = [("prefill", b, k, score) for score in (False, True) for b in self.prefill_row_buckets()
                    for k in self.prefill_windows(score)]
-        return decode + prefill
+        return decode + prefill + self.slot_step_keys()
+
+    def slot_step_keys(self) -> list[tuple]:
+        """The small programs around the model calls: ("start", chunks) starts a choice from a prefill call's
+        logits [chunks, V], ("copy",) copies a cache row, ("release",) idles a slot."""
+        return [("start", b) for b in self.prefill_row_buckets()] + [("copy",), ("release",)]
 
     def prefill_windows(self, score: bool) -> list[int]:
         """Attention windows of the prefill programs: every bucket, or for scoring (rarer, and dominated by
@@ -365,9 +375,10 @@ class Engine:
 
     def _covering_keys(self) -> set[tuple]:
         """The programs that can run any workload on their own (the largest decode; one-chunk prefills at the
-        largest window)."""
+        largest window; the slot steps)."""
         kv = self.kv_buckets()[-1]
-        return {("decode", self.config.num_slots, kv), ("prefill", 1, kv, False), ("prefill", 1, kv, True)}
+        return {("decode", self.config.num_slots, kv), ("prefill", 1, kv, False), ("prefill", 1, kv, True),
+                *self.slot_step_keys()}
 
     def _prefill_rows_ready(self) -> int:
         """Chunks one prefill call may take: all the budget allows, or while compiling in the background, as
@@ -393,6 +404,8 @@ class Engine:
 
     def _lower(self, key: tuple):
         """The `jax.stages.Lowered` of one program key, from the engine's real arguments' shapes."""
+        if key[0] in ("start", "copy", "release"):
+            return self._lower_slot_step(key)
         if key[0] == "decode":
             _, rows, kv_len = key
             return programs.decode_step.lower(self.params, self.state_shapes, self.bitmask, self.eos_mask, self.lora,
@@ -406,6 +419,19 @@ class Engine:
                                              self.lora, adapters, family=self.family, cfg=self.cfg, kv_len=kv_len,
                                              score=score, layout=self.layout)
 
+    def _lower_slot_step(self, key: tuple):
+        """The `jax.stages.Lowered` of a slot step (`slot_step_keys`); every input is a replicated host value."""
+        def like(x):
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=self.layout.replicated)
+        slot = like(np.int32(0))
+        if key[0] == "copy":
+            return programs.copy_slot.lower(self.state_shapes, slot, slot, layout=self.layout)
+        if key[0] == "release":
+            return programs.release_slot.lower(self.state_shapes, slot, layout=self.layout)
+        logits = like(np.zeros((key[1], self.cfg.vocab_size), np.float32))
+        row = jax.tree.map(like, make_row(SamplingParams(), [0], np.zeros(2, np.uint32), self.cfg.vocab_size))
+        return programs.start_choice.lower(self.state_shapes, logits, slot, slot, slot, row, slot, layout=self.layout)
+
     def _compiling(self) -> bool:
         """Whether programs are still being compiled in the background."""
         return self.programs.background is not None and self.programs.background.is_alive()
@@ -416,16 +442,9 @@ class Engine:
         ready = self.programs.first_ready([wanted, *fallbacks]) if self._compiling() else None
         return wanted if ready is None else ready[0]
 
-    def _warm_helpers(self) -> None:
-        """Trace the small jitted helpers once (key folding, slot start, copy, release), so no request traces them."""
-        row = make_row(SamplingParams(), [0], row_key(None, 0, self.key_data, 0), self.cfg.vocab_size)
-        for batch in self.prefill_row_buckets():
-            self.prefill_logits = self._put(np.zeros((batch, self.cfg.vocab_size), np.float32))
-            self.apply_step("start", 0, 0, 0, row, 0)
-        self.apply_step("copy", 0, 0)
-        self.apply_step("release", 0)
-        self.prefill_logits = None
-        jax.block_until_ready(self.state)
+    def _warm_key_folding(self) -> None:
+        """Trace the key folding of unseeded requests once (a jitted helper), so no request traces it."""
+        row_key(None, 0, self.key_data, 0)
 
     def _on_compile_error(self, error: BaseException) -> None:
         """Background compiling failed: remember it (the programs compile on demand instead)."""
@@ -467,16 +486,17 @@ class Engine:
 
     def _apply_start(self, index, slot, position, row, adapter):
         """Start a choice in `slot` from row `index` of the last prefill call's logits."""
-        self.state = programs.start_choice(self.state, self.prefill_logits, *self._put(
-            (np.int32(index), np.int32(slot), np.int32(position), row, np.int32(adapter))), layout=self.layout)
+        start = self.programs.get(("start", self.prefill_logits.shape[0]))
+        self.state = start(self.state, self.prefill_logits, *self._put(
+            (np.int32(index), np.int32(slot), np.int32(position), row, np.int32(adapter))))
 
     def _apply_copy(self, src, dst):
         """Copy cache row `src` into row `dst`."""
-        self.state = programs.copy_slot(self.state, *self._put((np.int32(src), np.int32(dst))), layout=self.layout)
+        self.state = self.programs.get(("copy",))(self.state, *self._put((np.int32(src), np.int32(dst))))
 
     def _apply_release(self, slot):
         """Return `slot` to idle."""
-        self.state = programs.release_slot(self.state, self._put(np.int32(slot)), layout=self.layout)
+        self.state = self.programs.get(("release",))(self.state, self._put(np.int32(slot)))
 
     def _apply_reset(self):
         """Start again from every slot idle (after a device failure)."""

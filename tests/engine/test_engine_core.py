@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 import jaxgen
-from jaxgen import programs
 from jaxgen.engine import EngineConfig
 from jaxgen.errors import InvalidRequestError, JaxgenError
 from jaxgen.events import Admitted, ChoiceUpdate, Done
@@ -327,19 +326,26 @@ def test_a_device_fault_resets_and_tells_everyone(cached, monkeypatch):
     """An exception from a device program leaves the state unknown: every running request and the one being
     started hear of it (nobody hangs), and the engine serves the next requests as before."""
     clean = clean_run(cached, FAULT_REQUESTS)
-    real = programs.start_choice
+    table = cached.engine.programs
+    real_get = table.get
     calls = {"n": 0}
 
-    def start_choice(state, logits, index, slot, position, row, adapter):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the faulty request's start, after the three others started
-            raise RuntimeError("injected device fault")
-        return real(state, logits, index, slot, position, row, adapter)
-    monkeypatch.setattr(programs, "start_choice", start_choice)
+    def get(key):
+        program = real_get(key)
+        if key[0] != "start":
+            return program
+
+        def start_choice(*args):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the faulty request's start, after the three others started
+                raise RuntimeError("injected device fault")
+            return program(*args)
+        return start_choice
+    monkeypatch.setattr(table, "get", get)
     others, faulty = run_with_fault(cached)
     assert isinstance(faulty, JaxgenError)
     assert all(isinstance(o, JaxgenError) or o == c for o, c in zip(others, clean))
-    monkeypatch.setattr(programs, "start_choice", real)
+    monkeypatch.setattr(table, "get", real_get)
     assert clean_run(cached, FAULT_REQUESTS) == clean
 
 

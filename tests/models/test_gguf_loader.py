@@ -117,3 +117,22 @@ def test_default_model_config():
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert abs(cfg.rms_norm_eps - 1e-5) < 1e-9
     assert dataclasses.replace(cfg) == cfg
+
+
+def test_plain_view_reader_reads_what_gguf_reads():
+    """The faster reader gives the stock `gguf.GGUFReader`'s fields (tokenizer arrays included) and tensors, on
+    the bundled model (F32, Q8_0 and Q4_1 tensors, a 49,152-token vocabulary with its merges)."""
+    import gguf
+
+    from jaxgen.models.gguf_loader import PlainViewReader
+    from jaxgen.models.loading import default_model_path
+
+    ours, stock = PlainViewReader(default_model_path()), gguf.GGUFReader(default_model_path())
+    assert list(ours.fields) == list(stock.fields) and len(ours.fields) > 30
+    for key, f in stock.fields.items():
+        assert ours.fields[key].contents() == f.contents(), key
+        assert ours.fields[key].types == f.types, key
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in stock.tensors]
+    for a, b in zip(ours.tensors, stock.tensors):
+        np.testing.assert_array_equal(a.data, b.data)
