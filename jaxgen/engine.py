@@ -85,6 +85,7 @@ class Prefill:
     choice_slots: list[int]  # the n slots its choices will decode in (the first is `slot`); [] to score only
     next: int  # the first prompt position not dispatched yet
     short: bool  # at most SHORT_PROMPT_CHUNKS chunks to run from the start: never held back for running streams
+    span: tuple[int, int, int] | None = None  # (start, count, next span) of a chunk it runs a layer span a turn
     scores: list = dataclasses.field(default_factory=list)  # (start, count, device scores, row) per scored chunk
     reused_scores: tuple | None = None  # host scores of the reused prefix
 
@@ -167,6 +168,7 @@ class EngineConfig:
     decode_slowdown: float = 3.0  # while streams decode, a turn's prefill may stretch their token gap this much
     strict_schemas: bool = True  # JSON schemas refuse undeclared keys (grammar.strict_schema)
     chunk: int = 64  # prompt chunk length: prefill rows and prefix reuse are whole chunks
+    layer_spans: int = 3  # a long prompt's chunk over the turn budget runs in this many layer spans, one a turn
     prefix_cache: bool = True  # reuse prompt prefixes that slots already hold
     executable_cache: str | None = None  # directory of serialized compiled programs (None: compile every start)
 
@@ -192,6 +194,8 @@ class Engine:
         the model's own config, the engine runs `layout.run_config(cfg)`."""
         if config.chunk < 1 or config.prefill_budget < config.chunk:
             raise ValueError(f"chunk ({config.chunk}) must be >= 1 and <= prefill_budget ({config.prefill_budget})")
+        if config.layer_spans < 1:
+            raise ValueError(f"layer_spans ({config.layer_spans}) must be >= 1 (1: a chunk always runs whole)")
         self.layout = layout or layout_for(cfg)
         if config.num_slots % self.layout.data:
             raise ValueError(f"the data axis ({self.layout.data}) must divide the engine's {config.num_slots} slots")
@@ -223,6 +227,7 @@ class Engine:
         self.programs = ProgramTable(self._lower, self._identity(), config.executable_cache)
         self.compile_error: BaseException | None = None
         self.prefill_logits = None  # logits [B, V] of the last prefill call, which its prompts' choices start from
+        self.span_hidden = None  # hidden [B, C, D] after the last layer span run, which the next span starts from
         self.multiprocess = multihost.is_multiprocess()
         self.wake = threading.Condition()
         self.closed = threading.Event()
@@ -347,12 +352,22 @@ class Engine:
         return all_buckets(self.config.max_len, min(MIN_KV_BUCKET, self.config.max_len))
 
     def program_keys(self) -> list[tuple]:
-        """Every program shape: ("decode", rows, kv_len), ("prefill", chunks, kv_len, score) and the slot steps
-        (`slot_step_keys`)."""
+        """Every program shape: ("decode", rows, kv_len), ("prefill", chunks, kv_len, score), ("span", index,
+        kv_len) (one layer span of a chunk, `layer_span_bounds`) and the slot steps (`slot_step_keys`)."""
         decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in self.kv_buckets()]
         prefill = [("prefill", b, k, score) for score in (False, True) for b in self.prefill_row_buckets()
                    for k in self.prefill_windows(score)]
-        return decode + prefill + self.slot_step_keys()
+        spans = [("span", i, k) for k in self.prefill_windows(False) for i in range(len(self.layer_span_bounds()))]
+        return decode + prefill + spans + self.slot_step_keys()
+
+    def layer_span_bounds(self) -> list[tuple[int, int]]:
+        """The layer spans [start, stop) a chunk may be split into (`EngineConfig.layer_spans`, at most one layer
+        each); [] when chunks always run whole (one span, or a family whose forward cannot split)."""
+        layers, parts = self.cfg.num_layers, min(self.config.layer_spans, self.cfg.num_layers)
+        if parts < 2 or not self.family.splits_layers(self.cfg):
+            return []
+        cuts = [round(i * layers / parts) for i in range(parts + 1)]
+        return list(zip(cuts, cuts[1:]))
 
     def slot_step_keys(self) -> list[tuple]:
         """The small programs around the model calls: ("start", chunks) starts a choice from a prefill call's
@@ -406,6 +421,8 @@ class Engine:
         """The `jax.stages.Lowered` of one program key, from the engine's real arguments' shapes."""
         if key[0] in ("start", "copy", "release"):
             return self._lower_slot_step(key)
+        if key[0] == "span":
+            return self._lower_span(key)
         if key[0] == "decode":
             _, rows, kv_len = key
             return programs.decode_step.lower(self.params, self.state_shapes, self.bitmask, self.eos_mask, self.lora,
@@ -418,6 +435,19 @@ class Engine:
         return programs.prefill_chunks.lower(self.params, self.state_shapes, tokens, tokens, rows, rows, tokens,
                                              self.lora, adapters, family=self.family, cfg=self.cfg, kv_len=kv_len,
                                              score=score, layout=self.layout)
+
+    def _lower_span(self, key: tuple):
+        """The `jax.stages.Lowered` of a layer span of one chunk, in a call of the fewest prefill rows."""
+        _, index, kv_len = key
+        batch, chunk, replicated = self.prefill_row_buckets()[0], self.config.chunk, self.layout.replicated
+        tokens = jax.ShapeDtypeStruct((batch, chunk), jnp.int32, sharding=replicated)
+        rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
+        hidden = None if index == 0 else jax.ShapeDtypeStruct((batch, chunk, self.cfg.hidden_size), self.dtype,
+                                                              sharding=replicated)
+        return programs.prefill_span.lower(self.params, self.state_shapes, hidden, tokens, tokens, rows, rows,
+                                           self.lora, None if self.lora is None else rows, family=self.family,
+                                           cfg=self.cfg, kv_len=kv_len, span=self.layer_span_bounds()[index],
+                                           layout=self.layout)
 
     def _lower_slot_step(self, key: tuple):
         """The `jax.stages.Lowered` of a slot step (`slot_step_keys`); every input is a replicated host value."""
@@ -466,7 +496,8 @@ class Engine:
     def apply_step(self, op: str, *args):
         """Device step `op` on host inputs (numpy arrays and numbers): the leader's `_step`, a follower's replay.
 
-        prefill (key, tokens, positions, slots, last, targets, adapters) -> scores; decode (key, bitmask rows or
+        prefill (key, tokens, positions, slots, last, targets, adapters) -> scores; span (key, tokens, positions,
+        slots, last, adapters); decode (key, bitmask rows or
         None for all allowed) -> packed outputs; start (row in the last prefill call, slot, position, sampling
         row, adapter); copy (src, dst); release (slot); reset (); idle ()."""
         return getattr(self, f"_apply_{op}")(*args)
@@ -477,6 +508,18 @@ class Engine:
         self.state, self.prefill_logits, scores = self.programs.get(key)(
             self.params, self.state, *self._put((tokens, positions, slots, last, targets)), *lora)
         return scores
+
+    def _apply_span(self, key, tokens, positions, slots, last, adapters):
+        """Run one layer span of a prompt chunk with program `key`: its output is the next span's input, or after
+        the last span, the logits `start` reads."""
+        lora = (self.lora, None if self.lora is None else self._put(adapters))
+        hidden = None if key[1] == 0 else self.span_hidden
+        self.state, out = self.programs.get(key)(self.params, self.state, hidden,
+                                                 *self._put((tokens, positions, slots, last)), *lora)
+        if key[1] + 1 < len(self.layer_span_bounds()):
+            self.span_hidden = out
+        else:
+            self.span_hidden, self.prefill_logits = None, out
 
     def _apply_decode(self, key, bitmask_rows):
         """One decode step with program `key` -> packed outputs (`unpack_output`)."""
@@ -666,27 +709,73 @@ class Engine:
             self._step("copy", slot, oldest)
             self.prefix.move(slot, oldest)
 
-    def _prefill(self) -> tuple[int, int]:
-        """Dispatch one prefill call: whole chunks of the running prompts, oldest first, within the budget; -> the
-        prompt tokens it runs and its attention window (0 when none). While streams decode, long prompts (more
-        than SHORT_PROMPT_CHUNKS chunks to run) share only what `TurnClock` allows, their last chunks included,
-        so they cannot stall the streams; short ones still start at once."""
+    def _prefill(self) -> tuple[float, int]:
+        """Dispatch one turn's prompt work: whole chunks of the running prompts, oldest first, within the budget;
+        -> the prompt tokens run (a layer span counts its share of its chunk) and the widest attention window (0
+        when none). While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run) share only
+        what `TurnClock` allows, their last chunks included, so they cannot stall the streams; when that is less
+        than a chunk, one long prompt's chunk runs a layer span a turn instead. Short ones still start at once."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
         long_rows = most
         waiting_long = [p for p in self.prefills if not p.short]
+        spanned = next((p for p in self.prefills if p.span is not None), None)
         if any(self.choices) and waiting_long:  # budgeted at the widest window these prompts reach (an upper bound)
             widest = self._prefill_window(any(p.request.params.loglikelihood for p in waiting_long),
                                           max(len(p.ids) for p in waiting_long))
-            long_rows = max(1, min(most, self.clock.budget(most * self.config.chunk, widest) // self.config.chunk))
+            budget = self.clock.budget(most * self.config.chunk, widest)
+            if budget < self.config.chunk:
+                spanned = spanned or self._start_span(waiting_long)
+            long_rows = 0 if spanned is not None else max(1, min(most, budget // self.config.chunk))
         for p in self.prefills:
-            while p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
+            while p.span is None and p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
                 count = chunk_end(p.next, len(p.ids), self.config.chunk, p.request.split) - p.next
                 rows.append((p, p.next, count))
                 p.next += count
-        if not rows:
-            return 0, 0
-        scores, window = self._run_chunks(rows)
+        tokens, window = 0.0, 0
+        if rows:
+            scores, window = self._run_chunks(rows)
+            self._chunks_ran(rows, scores)
+            tokens = sum(count for _, _, count in rows)
+        if spanned is not None and spanned in self.prefills:
+            share, span_window = self._run_span(spanned)
+            tokens, window = tokens + share, max(window, span_window)
+        return tokens, window
+
+    def _start_span(self, waiting_long: list[Prefill]) -> Prefill | None:
+        """The first long prompt whose next chunk can run a layer span a turn (unscored, its span programs ready),
+        that chunk taken; or None."""
+        spans = len(self.layer_span_bounds())
+        for p in waiting_long:
+            if not spans or p.request.params.loglikelihood or p.next >= len(p.ids):
+                continue
+            count = chunk_end(p.next, len(p.ids), self.config.chunk, p.request.split) - p.next
+            kv_len = self._prefill_window(False, p.next + count)
+            if self._compiling() and any(("span", i, kv_len) not in self.programs.ready for i in range(spans)):
+                continue
+            p.span = (p.next, count, 0)
+            p.next += count
+            return p
+        return None
+
+    def _run_span(self, p: Prefill) -> tuple[float, int]:
+        """Dispatch the next layer span of the chunk `p` runs a span a turn; after the last, the chunk has run.
+        -> (the span's share of the chunk's tokens, its attention window)."""
+        start, count, index = p.span
+        spans = len(self.layer_span_bounds())
+        rows = [(p, start, count)]
+        tokens, positions, _, slots, last, adapters = self._chunk_arrays(rows, self.prefill_row_buckets()[0])
+        kv_len = self._prefill_window(False, start + count)
+        self._step("span", ("span", index, kv_len), tokens, positions, slots, last, adapters)
+        p.span = (start, count, index + 1) if index + 1 < spans else None
+        if p.span is None:
+            self.counters["prefill_tokens"] += count
+            self._chunks_ran(rows, None)
+        return count / spans, kv_len
+
+    def _chunks_ran(self, rows, scores) -> None:
+        """Chunks `rows` [(prefill, start, count)] have run (row b of the last prefill call, `scores` its scores or
+        None): keep their scores and cached prefix, then start (or fail) the prompts they complete."""
         for b, (p, start, count) in enumerate(rows):
             if p.request.params.loglikelihood:
                 p.scores.append((start, count, scores, b))
@@ -704,7 +793,6 @@ class Engine:
                 self._fail_request(p.request, e)
             except Exception as e:
                 self._fail_request(p.request, JaxgenError(f"internal error starting the request: {e!r}"))
-        return sum(count for _, _, count in rows), window
 
     def _prefill_window(self, score: bool, needed: int) -> int:
         """The attention window of a prefill call whose rows reach position `needed` - 1."""
@@ -713,20 +801,8 @@ class Engine:
     def _run_chunks(self, rows):
         """One `prefill_chunks` call over `rows` [(prefill, start, count)], padded to a bucket; -> (scores, the
         attention window of the program run)."""
-        chunk = self.config.chunk
         batch = next(b for b in self.prefill_row_buckets() + [len(rows)] if b >= len(rows))
-        tokens = np.zeros((batch, chunk), np.int32)
-        positions = np.full((batch, chunk), self.spare, np.int32)
-        targets = np.zeros((batch, chunk), np.int32)
-        slots = np.zeros(batch, np.int32)
-        last = np.zeros(batch, np.int32)
-        adapters = np.zeros(batch, np.int32)
-        for b, (p, start, count) in enumerate(rows):
-            tokens[b, :count] = p.ids[start:start + count]
-            positions[b, :count] = np.arange(start, start + count)
-            nxt = p.ids[start + 1:start + count + 1]
-            targets[b, :len(nxt)] = nxt
-            slots[b], last[b], adapters[b] = p.slot, count - 1, p.request.adapter
+        tokens, positions, targets, slots, last, adapters = self._chunk_arrays(rows, batch)
         score = any(p.request.params.loglikelihood for p, _, _ in rows)
         needed = max(int(positions[b, :c].max()) for b, (_, _, c) in enumerate(rows)) + 1
         windows = self.prefill_windows(score)
@@ -739,6 +815,23 @@ class Engine:
             ((tokens, 0), (positions, self.spare), (targets, 0), (slots, 0), (last, 0), (adapters, 0)))
         self.counters["prefill_tokens"] += sum(c for _, _, c in rows)
         return self._step("prefill", key, tokens, positions, slots, last, targets, adapters), key[2]
+
+    def _chunk_arrays(self, rows, batch: int):
+        """Host inputs of a prefill call of `batch` rows over `rows` [(prefill, start, count)] (the rest padding):
+        tokens, positions (padding at the spare position), targets (each position's next prompt token) [batch,
+        chunk]; slots, last (each row's last token), adapters [batch]."""
+        chunk = self.config.chunk
+        tokens = np.zeros((batch, chunk), np.int32)
+        positions = np.full((batch, chunk), self.spare, np.int32)
+        targets = np.zeros((batch, chunk), np.int32)
+        slots, last, adapters = (np.zeros(batch, np.int32) for _ in range(3))
+        for b, (p, start, count) in enumerate(rows):
+            tokens[b, :count] = p.ids[start:start + count]
+            positions[b, :count] = np.arange(start, start + count)
+            nxt = p.ids[start + 1:start + count + 1]
+            targets[b, :len(nxt)] = nxt
+            slots[b], last[b], adapters[b] = p.slot, count - 1, p.request.adapter
+        return tokens, positions, targets, slots, last, adapters
 
     def _complete(self, p: Prefill, b: int) -> None:
         """A prompt is fully run (row `b` of the last prefill call): deliver its scores, then start its choices

@@ -1,7 +1,8 @@
 """The engine's device programs: pure jitted functions over the decode state, fixed shapes per bucket.
 
 `prefill_chunks` runs prompt chunks [B, C] into their slots' cache rows (several requests, or several
-chunks of one prompt, in one call); `start_choice` makes a prefilled slot live (first logits, sampling
+chunks of one prompt, in one call); `prefill_span` runs a few of their layers, so a chunk can be spread over
+several engine turns; `start_choice` makes a prefilled slot live (first logits, sampling
 row, position, adapter); `decode_step` samples one token for the first `rows` slots from the logits each
 holds and runs the model on those tokens. Both model calls are the family's one `forward`, so a slot's
 first generated token and every later one take the same path.
@@ -108,6 +109,15 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, fam
     return constrain(new, layout), whole_rows(pack_output(out), layout)
 
 
+def first_logits(params, hidden, last, family: Family, cfg, layout: Layout) -> jax.Array:
+    """Logits f32[B, V] at each row's token `last[B]` of a prefill call's hidden [B, C, D]. At least LOGIT_ROWS
+    rows go through the LM head, so a prompt's first logits round the same whatever the call size (XLA CPU's
+    dot rounds differently for fewer rows)."""
+    batch = hidden.shape[0]
+    padded = jnp.pad(hidden[jnp.arange(batch), last], ((0, max(0, LOGIT_ROWS - batch)), (0, 0)))
+    return whole_rows(family.lm_logits(params, cfg, padded)[:batch], layout)
+
+
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "score", "layout"),
                    donate_argnames=("state",))
 def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, targets, lora=None, adapters=None, *,
@@ -120,17 +130,28 @@ def prefill_chunks(params, state: DecodeState, tokens, positions, slots, last, t
     adapter `adapters[b]`.
     """
     hidden, cache = family.forward(params, cfg, state.cache, tokens, positions, kv_len, slots, lora, adapters)
-    batch = tokens.shape[0]
-    last_hidden = hidden[jnp.arange(batch), last]
-    # At least LOGIT_ROWS rows through the LM head, so a prompt's first logits round the same whatever the call
-    # size (XLA CPU's dot rounds differently for fewer rows).
-    padded = jnp.pad(last_hidden, ((0, max(0, LOGIT_ROWS - batch)), (0, 0)))
-    last_logits = whole_rows(family.lm_logits(params, cfg, padded)[:batch], layout)
+    last_logits = first_logits(params, hidden, last, family, cfg, layout)
     scores = None
     if score:
         scores = jax.tree.map(lambda a: whole_rows(a, layout),
                               token_logprobs(family.lm_logits(params, cfg, hidden), targets, TOP_LOGPROBS))
     return constrain(state.replace(cache=cache), layout), last_logits, scores
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "span", "layout"),
+                   donate_argnames=("state",))
+def prefill_span(params, state: DecodeState, hidden, tokens, positions, slots, last, lora=None, adapters=None, *,
+                 family: Family, cfg, kv_len: int, span: tuple[int, int], layout: Layout):
+    """Layers `span` [start, stop) of prompt chunks (the inputs of `prefill_chunks`, unscored), from `hidden`
+    [B, C, D], the previous span's output (None at layer 0): -> (state', hidden after the span), or after the
+    last layer (state', logits f32[B, V] at each row's token `last[B]`). The spans of a chunk, run in turn, give
+    the bits of one `prefill_chunks` call: the same ops on the same shapes, only cut between layers."""
+    out, cache = family.forward(params, cfg, state.cache, tokens, positions, kv_len, slots, lora, adapters, span=span,
+                                hidden=hidden)
+    state = constrain(state.replace(cache=cache), layout)
+    if span[1] < cfg.num_layers:
+        return state, whole_rows(out, layout)
+    return state, first_logits(params, out, last, family, cfg, layout)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("state",))

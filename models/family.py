@@ -23,7 +23,8 @@ class Family:
 
     name: str
     architectures: tuple[str, ...]  # the HF `model_type` values (`ModelConfig.architecture`) it runs
-    forward: Callable  # (params, cfg, cache, tokens [B,T], positions [B,T], kv_len, rows, lora, adapters) -> (hidden, cache)
+    forward: Callable  # (params, cfg, cache, tokens [B,T], positions [B,T], kv_len, rows, lora, adapters, *, span,
+    #                     hidden) -> (hidden, cache)
     lm_logits: Callable  # (params, cfg, hidden [..., D]) -> float32 logits [..., V]
     init_cache: Callable  # (cfg, num_slots, max_len, dtype) -> cache
     init_params: Callable  # (cfg, key, dtype) -> params
@@ -37,6 +38,7 @@ class Family:
     lora_targets: tuple[str, ...] = lora.TARGETS  # the HF module names a LoRA adapter may target
     gguf_experts: bool = False  # its GGUF files have experts (llama.cpp stores Mixtral as `llama` with experts)
     shard_specs: tuple[tuple[str, object], ...] = ()  # (param name, PartitionSpec) beyond sharding.PARAM_SPECS
+    splits_layers: Callable = lambda cfg: True  # (cfg) -> whether forward runs layer spans (`llama.forward`)
 
 
 LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, layers.init_cache,
@@ -54,7 +56,7 @@ GEMMA = Family("gemma", gemma.ARCHITECTURES, gemma.forward, gemma.lm_logits, lay
 PHI3 = Family("phi3", ("phi3",), phi3.forward, llama.lm_logits, phi3.init_cache, llama.init_params,
               phi3.config_from_hf, phi3.layer_from_hf, gguf_architectures=(("phi3", "phi3"),),
               config_from_gguf=phi3.config_from_gguf, gguf_tensors=phi3.GGUF_TENSORS, fields=phi3.Phi3Fields,
-              lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+              lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), splits_layers=phi3.splits_layers)
 MIXTRAL, QWEN3_MOE = (
     Family(name, (arch,), moe.forward, llama.lm_logits, layers.init_cache, moe.init_params, moe.config_from_hf,
            moe.layer_from_hf, gguf_architectures=((gguf_arch, arch),), config_from_gguf=moe.config_from_gguf,

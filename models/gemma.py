@@ -68,9 +68,10 @@ class GemmaFields:
 # ---------------------------------------------------------------- the model
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
-            rows: jax.Array | None = None, lora=None, adapters=None) -> tuple[jax.Array, Cache]:
-    """The one forward pass (the contract of `llama.forward`): tokens i32[B, T] at positions i32[B, T] against
-    the KV cache -> (hidden [B, T, D] before the final norm, cache)."""
+            rows: jax.Array | None = None, lora=None, adapters=None, span: tuple[int, int] | None = None,
+            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    """The one forward pass (the contract of `llama.forward`, layer spans included): tokens i32[B, T] at
+    positions i32[B, T] against the KV cache -> (hidden [B, T, D] before the final norm, cache)."""
     g: GemmaFields = cfg.extra
     step = step_of(tokens, positions, kv_len, rows)
     norm = functools.partial(rms_norm_offset, eps=cfg.rms_norm_eps)
@@ -78,8 +79,10 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     local_rope = global_rope if g.local_rope_theta is None else rope_tables(
         inv_freq(cfg.head_dim, g.local_rope_theta, None), positions)
     scale = float(g.query_pre_attn_scalar) ** -0.5
-    x = params["embed"][tokens]
-    x = x * jnp.asarray(np.sqrt(cfg.hidden_size), x.dtype)  # HF rounds sqrt(D) to the weights' dtype first
+    x = hidden
+    if x is None:
+        x = params["embed"][tokens]
+        x = x * jnp.asarray(np.sqrt(cfg.hidden_size), x.dtype)  # HF rounds sqrt(D) to the weights' dtype first
 
     def block(i, layer, lo, x, k_cache, v_cache):
         sliding = g.sliding_layers[i]
@@ -91,7 +94,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
         x = x + norm(with_lora(attn @ layer["wo"], attn, lo, "o", adapters), layer["post_attn_norm"])
         mlp = gated_mlp(layer, norm(x, layer["mlp_norm"]), lo, adapters, functools.partial(jax.nn.gelu, approximate=True))
         return x + norm(mlp, layer["post_mlp_norm"]), k_cache, v_cache
-    return run_layers(x, params, cfg, cache, lora, block)
+    return run_layers(x, params, cfg, cache, lora, block, span)
 
 
 def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

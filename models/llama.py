@@ -52,7 +52,8 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
-            rows: jax.Array | None = None, lora=None, adapters=None, mlp=gated_mlp) -> tuple[jax.Array, Cache]:
+            rows: jax.Array | None = None, lora=None, adapters=None, mlp=gated_mlp, span: tuple[int, int] | None = None,
+            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
     """The one forward pass: tokens i32[B, T] at positions i32[B, T] against the KV cache.
 
     Row b writes its tokens' K/V into cache row `rows[b]` (None: row b) at their positions, then attends to
@@ -61,7 +62,9 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     of one prompt in one call): every row's K/V of a layer is written before any row reads it. Padding
     tokens take the cache's spare last position. With `lora`, row b adds adapter `adapters[b]` (0 = none).
     `mlp(layer, x, lora_layer, adapters)` is the feed-forward block (a family may swap it: the MoE's experts).
-    Returns (hidden [B, T, D] before the final norm, cache).
+    With `span` [start, stop), only those layers run, from `hidden` [B, T, D] (the previous span's output; the
+    embeddings when start is 0): a prompt chunk can run a few layers a call, with the bits of one whole call.
+    Returns (hidden [B, T, D] after the last layer run, before the final norm; cache).
     """
     step = step_of(tokens, positions, kv_len, rows)
     cos, sin = rope_tables(cfg.rope_inv_freq(), positions)
@@ -74,7 +77,8 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
         x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], eps), lo, adapters)
         return x, k_cache, v_cache
-    return run_layers(params["embed"][tokens], params, cfg, cache, lora, block)
+    x = params["embed"][tokens] if hidden is None else hidden
+    return run_layers(x, params, cfg, cache, lora, block, span)
 
 
 def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array, lora=None, adapters=None):

@@ -78,14 +78,24 @@ def init_cache(cfg: ModelConfig, num_slots: int, max_len: int, dtype) -> Cache:
     return {"k": cache["k"] + long["k"], "v": cache["v"] + long["v"]}
 
 
+def splits_layers(cfg: ModelConfig) -> bool:
+    """Whether `forward` runs layer spans for this config: not with LongRoPE's two streams."""
+    return not cfg.extra.longrope
+
+
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
-            rows: jax.Array | None = None, lora=None, adapters=None) -> tuple[jax.Array, Cache]:
+            rows: jax.Array | None = None, lora=None, adapters=None, span: tuple[int, int] | None = None,
+            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
     """The one forward pass (the contract of `llama.forward`): tokens i32[B, T] at positions i32[B, T] against
     the KV cache -> (hidden [B, T, D] before the final norm, cache). With LongRoPE both streams run (module
-    docstring) and each position takes its own regime's hidden state."""
+    docstring) and each position takes its own regime's hidden state; layer spans then do not apply (two
+    hidden states would have to be carried), see `splits_layers`."""
     g: Phi3Fields = cfg.extra
     if not g.longrope:
-        return llama.forward(params, cfg, cache, tokens, positions, kv_len, rows, lora, adapters)
+        return llama.forward(params, cfg, cache, tokens, positions, kv_len, rows, lora, adapters, span=span,
+                             hidden=hidden)
+    if span is not None:
+        raise ValueError("Phi-3 with LongRoPE runs every layer in one call (no layer spans)")
     step = step_of(tokens, positions, kv_len, rows)
     eps, n = cfg.rms_norm_eps, cfg.num_layers
     x = params["embed"][tokens]

@@ -470,31 +470,50 @@ def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
     assert clock.budget(512, 128) == 0
 
 
-def test_long_prompts_are_held_back_to_their_last_chunk_while_streams_decode(tiny_llm):
-    """With a stream decoding and no prefill allowed beyond the minimum, a 7-chunk prompt runs one chunk a
-    call to its end (its last two chunks are not "short"), while a 2-chunk prompt arriving with it runs
-    whole in one call."""
-    with tiny_engine_llm(tiny_llm, chunk=16) as llm:
+def run_beside_a_stream(tiny_llm, layer_spans: int):
+    """A 7-chunk prompt and a 2-chunk one arrive while a stream decodes, with no prefill allowed beyond the
+    minimum; then a prompt sharing 6 chunks of the first. -> (the long prompt's and the later one's records,
+    the prompt lengths of each prefill call, the ops of every device step)."""
+    long, short = list(range(3, 103)), list(range(110, 140))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=3)
+    with tiny_engine_llm(tiny_llm, chunk=16, layer_spans=layer_spans) as llm:
         engine = llm.engine
         engine.clock.budget = lambda most, window: 0
-        calls = []
-        run_chunks = engine._run_chunks
+        calls, ops = [], []
+        run_chunks, step = engine._run_chunks, engine._step
 
-        def recording(rows):
+        def recording_chunks(rows):
             calls.append([len(p.ids) for p, _, _ in rows])
             return run_chunks(rows)
-        engine._run_chunks = recording
+
+        def recording_steps(op, *args):
+            ops.append(op)
+            return step(op, *args)
+        engine._run_chunks, engine._step = recording_chunks, recording_steps
         stream = engine.submit([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True))
         assert wait_for(lambda: any(engine.choices), 30.0)
-        long, short = list(range(3, 103)), list(range(110, 140))
-        handles = [engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=1)) for ids in (long, short)]
-        for h in handles:
-            record(h)
+        handles = [engine.submit(ids, p) for ids, p in ((long, params), (short, SamplingParams(max_tokens=1)))]
+        ran = record(handles[0])
+        record(handles[1])
+        later = record(engine.submit(long[:96] + [7, 8, 9], params))
         assert any(engine.choices), "the stream ended before the prompts ran"
         record(stream)
-    long_calls = [c.count(len(long)) for c in calls if len(long) in c]
-    assert long_calls == [1] * 7
-    assert [c.count(len(short)) for c in calls if len(short) in c] == [2]
+    return ran, later, calls, ops
+
+
+def test_long_prompts_run_a_layer_span_a_turn_while_streams_decode_with_the_bits_of_whole_chunks(tiny_llm):
+    """While a stream decodes, each chunk of a 7-chunk prompt runs as layer spans (its last two chunks are not
+    "short" either), never two without a decode step between, while a 2-chunk prompt arriving with it runs whole
+    in one call. Its tokens and log-probs, and those of a later prompt reusing its cached K/V, are the bits of
+    the same run with whole chunks (one a turn)."""
+    spanned, spanned_later, calls, ops = run_beside_a_stream(tiny_llm, layer_spans=3)
+    whole, whole_later, whole_calls, whole_ops = run_beside_a_stream(tiny_llm, layer_spans=1)
+    assert spanned == whole and spanned_later == whole_later
+    assert [c for c in calls if 100 in c] == [] and ops.count("span") == 7 * 2  # the tiny model: 2 layers, 2 spans
+    turns = "".join(op[0] for op in ops if op in ("span", "decode"))
+    assert "ss" not in turns, turns
+    assert [c.count(30) for c in calls if 30 in c] == [2]
+    assert [c.count(100) for c in whole_calls if 100 in c] == [1] * 7 and "span" not in whole_ops
 
 
 @pytest.mark.parametrize("max_len", [64, 32])
