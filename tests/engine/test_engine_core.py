@@ -470,6 +470,30 @@ def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
     assert clock.budget(512, 128) == 0
 
 
+@pytest.mark.parametrize("layers, spans, bounds", [(30, 3, [(0, 10), (10, 20), (20, 30)]),
+                                                   (5, 3, [(0, 2), (2, 3), (3, 5)]), (2, 3, [(0, 1), (1, 2)]),
+                                                   (30, 1, [])])
+def test_layer_spans_cut_the_layers_evenly_and_one_span_means_whole_chunks(tiny_llm, layers, spans, bounds):
+    """`layer_span_bounds` covers every layer once, in order, in at most `layer_spans` spans of one layer or more;
+    with one span there are no span programs at all."""
+    import dataclasses
+
+    import jax
+
+    from jaxgen.engine import Engine
+    from jaxgen.models import llama
+
+    cfg = dataclasses.replace(tiny_llm.cfg, num_layers=layers)
+    params = llama.init_params(cfg, jax.random.key(0))
+    engine = Engine(cfg, params, tiny_llm.tokenizer, EngineConfig(num_slots=1, max_len=32, chunk=16,
+                                                                  prefill_budget=64, layer_spans=spans))
+    try:
+        assert engine.layer_span_bounds() == bounds
+        assert len([k for k in engine.program_keys() if k[0] == "span"]) == len(bounds) * len(engine.kv_buckets())
+    finally:
+        engine.close()
+
+
 def run_beside_a_stream(tiny_llm, layer_spans: int):
     """A 7-chunk prompt and a 2-chunk one arrive while a stream decodes, with no prefill allowed beyond the
     minimum; then a prompt sharing 6 chunks of the first. -> (the long prompt's and the later one's records,
