@@ -121,9 +121,9 @@ class TurnClock:
         self.token_s: dict[int, float] = {}  # one prompt token of prefill, by the attention window of its call
         self.last: float | None = None
 
-    def turn_read(self, prefill_tokens: int, window: int = 0) -> None:
+    def turn_read(self, prefill_tokens: float, window: int = 0) -> None:
         """A decode step was read back; `prefill_tokens` ran in the same turn, just before it, in a call of
-        attention `window`."""
+        attention `window` (a layer span counts its share of its chunk's tokens)."""
         now = self.now()
         if self.last is not None:
             elapsed = now - self.last
@@ -737,7 +737,7 @@ class Engine:
             scores, window = self._run_chunks(rows)
             self._chunks_ran(rows, scores)
             tokens = sum(count for _, _, count in rows)
-        if spanned is not None and spanned in self.prefills:
+        if spanned is not None:
             share, span_window = self._run_span(spanned)
             tokens, window = tokens + share, max(window, span_window)
         return tokens, window

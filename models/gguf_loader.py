@@ -1,6 +1,7 @@
 """Load a llama.cpp GGUF file: config from metadata, dequantized weights, tokenizer and chat template."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -41,12 +42,14 @@ class PlainViewReader(gguf.GGUFReader):
     fields and tensors (`tests/models/test_gguf_loader.py`); the tensors, plain views too, also dequantize in
     two thirds of the time (gguf's row-group loop slices them)."""
 
+    @functools.cached_property
+    def _plain(self) -> np.ndarray:
+        """The memory map as a plain uint8 ndarray (same memory, no copy)."""
+        return self.data.view(np.ndarray)
+
     def _get(self, offset, dtype, count=1, override_order=None):
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
         count = int(count)
-        values = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+        values = self._plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
         return values.view(values.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
 
