@@ -8,19 +8,22 @@ In one run, same weights (the default GGUF, float32), a warmed-up engine of 32 s
 - the inter-token latency (p50, p99) of 8 running streams, alone and while 2,000-token prompts arrive.
 
     python bench/prefill.py [--skip-hf]
+
+It restarts itself with glibc's huge-page tunable, as `jaxgen serve` does.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jaxgen  # noqa: E402
-from jaxgen.cli import cache_root
+from jaxgen.cli import cache_root, restart_with_huge_pages  # noqa: E402
 from jaxgen.engine import EngineConfig  # noqa: E402
 from jaxgen.events import Admitted, ChoiceUpdate  # noqa: E402
 from jaxgen.sampling import SamplingParams  # noqa: E402
@@ -90,6 +93,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def main() -> None:
+    restart_with_huge_pages([sys.executable, *sys.argv])  # the environment `jaxgen serve` runs in
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()

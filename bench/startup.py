@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 
+from jaxgen.cli import huge_pages_environment
+
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -42,8 +44,10 @@ print(json.dumps({"load": t_load - t0, "ready": t_ready - t0, "first_token": t_f
 
 
 def start(mode: str, cache: str) -> dict:
-    """One start in a fresh process; -> its timings."""
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, cache], capture_output=True, text=True, check=True)
+    """One start in a fresh process, in the environment `jaxgen serve` restarts itself in; -> its timings."""
+    env = huge_pages_environment(dict(os.environ), platform.libc_ver()[0]) or dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, cache], capture_output=True, text=True, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -7,6 +7,8 @@ behind a shared 1,000-token system prompt (what prefix caching serves). Also: 16
 against the same 16 requests run one after another.
 
     python bench/throughput.py [--concurrency 1,8,32] [--new-tokens 128] [--skip-hf]
+
+It restarts itself with glibc's huge-page tunable, as `jaxgen serve` does (HF runs in the same process).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 
@@ -22,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 
 import jaxgen
-from jaxgen.cli import cache_root
+from jaxgen.cli import cache_root, restart_with_huge_pages
 from jaxgen.engine import EngineConfig
 from jaxgen.events import ChoiceUpdate
 from jaxgen.sampling import SamplingParams
@@ -38,7 +41,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} backend={jax.default_backend()}"
+    return (f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} backend={jax.default_backend()}, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
 
 def prompts(llm, count: int) -> list[list[int]]:
@@ -108,6 +112,7 @@ def load_hf(path: str):
 
 
 def main() -> None:
+    restart_with_huge_pages([sys.executable, *sys.argv])  # the environment `jaxgen serve` runs in
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=128)
