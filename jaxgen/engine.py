@@ -111,26 +111,28 @@ class TurnClock:
     turn (a 2,000-token arrival is spread over several turns instead of stalling every stream).
 
     A turn's duration is measured between two consecutive read-backs of decode steps: the device ran that
-    turn's prefill call and its decode step in between. Estimates are exponential moving averages; a prompt
-    token's cost is kept per attention window of its call (a chunk at window 2048 costs a few times one at
-    128), so a window not measured yet gets the minimum of one chunk instead of a cheaper window's budget."""
+    turn's prefill call and its decode step in between. Estimates are exponential moving averages. A decode
+    step's cost is kept per decode program (32 rows at a 1,024-position window cost several times 8 rows at
+    256), and a prompt token's per attention window of its call (a chunk at window 2048 costs a few times one
+    at 128); a window not measured yet is priced from a narrower one scaled up to it, and what has nothing to
+    be priced from gets the minimum of one chunk instead of a cheaper shape's budget."""
 
     def __init__(self, slowdown: float, smoothing: float = 0.3, now=time.perf_counter):
         self.slowdown, self.smoothing, self.now = slowdown, smoothing, now
-        self.decode_s: float | None = None  # a decode-only turn
+        self.decode_s: dict[tuple, float] = {}  # a decode-only turn, by the key of its decode program
         self.token_s: dict[int, float] = {}  # one prompt token of prefill, by the attention window of its call
         self.last: float | None = None
 
-    def turn_read(self, prefill_tokens: float, window: int = 0) -> None:
-        """A decode step was read back; `prefill_tokens` ran in the same turn, just before it, in a call of
-        attention `window` (a layer span counts its share of its chunk's tokens)."""
+    def turn_read(self, prefill_tokens: float, window: int = 0, decode: tuple = ()) -> None:
+        """A decode step of program `decode` was read back; `prefill_tokens` ran in the same turn, just before
+        it, in a call of attention `window` (a layer span counts its share of its chunk's tokens)."""
         now = self.now()
         if self.last is not None:
             elapsed = now - self.last
             if prefill_tokens == 0:
-                self.decode_s = self._mix(self.decode_s, elapsed)
-            elif self.decode_s is not None:
-                cost = max(elapsed - self.decode_s, 0.0) / prefill_tokens
+                self.decode_s[decode] = self._mix(self.decode_s.get(decode), elapsed)
+            elif decode in self.decode_s and elapsed > self.decode_s[decode]:  # else hidden in the step's noise
+                cost = (elapsed - self.decode_s[decode]) / prefill_tokens
                 self.token_s[window] = self._mix(self.token_s.get(window), cost)
         self.last = now
 
@@ -138,13 +140,30 @@ class TurnClock:
         """No decode step is in flight: the next interval would include waiting, not work."""
         self.last = None
 
-    def budget(self, most: int, window: int) -> int:
-        """Prompt tokens a turn may prefill at attention `window` while streams decode (at most `most`; until
-        both costs are measured there, none beyond the caller's minimum of one chunk)."""
-        token_s = self.token_s.get(window)
-        if self.decode_s is None or not token_s:
+    def knows(self, decode: tuple) -> bool:
+        """Whether a decode-only turn of program `decode` has been timed (a turn's budget is relative to it)."""
+        return decode in self.decode_s
+
+    def budget(self, most: int, window: int, decode: tuple = (), waiting: int = 0, running: int = 1) -> int:
+        """Prompt tokens a turn may prefill at attention `window` beside decode program `decode` while `running`
+        streams decode and `waiting` prompts wait for their first token (at most `most`; until both costs are
+        measured, none beyond the caller's minimum of one chunk). The streams' slowdown is weighed against the
+        waiting: with more prompts waiting than streams running, the turn's prefill time grows by their ratio,
+        since holding back many requests to spare a few streams costs more waiting in all."""
+        token_s, decode_s = self._token_cost(window), self.decode_s.get(decode)
+        if decode_s is None or token_s is None:
             return 0
-        return int(min(most, (self.slowdown - 1.0) * self.decode_s / token_s))
+        pressure = max(1.0, waiting / max(running, 1))
+        return int(min(most, (self.slowdown - 1.0) * pressure * decode_s / token_s))
+
+    def _token_cost(self, window: int) -> float | None:
+        """A prompt token's cost at `window`: measured there, or else priced from the widest narrower window
+        measured, times the ratio of the windows (an upper bound: only attention grows with the
+        window); None when no narrower window has been measured."""
+        if window in self.token_s:
+            return self.token_s[window]
+        narrower = [w for w in self.token_s if 0 < w < window]
+        return None if not narrower else self.token_s[max(narrower)] * window / max(narrower)
 
     def _mix(self, old: float | None, new: float) -> float:
         """The moving average of `old` updated with `new`."""
@@ -568,13 +587,13 @@ class Engine:
                     continue
                 if in_flight is not None and self._constrained():  # masks need step t's tokens first
                     self._process(*in_flight[:2])
-                    self.clock.turn_read(*in_flight[2])
+                    self.clock.turn_read(*in_flight[3], decode=in_flight[2])
                     in_flight = None
                     continue
-                next_flight = (*self._dispatch(), prefilled)
+                next_flight = (*self._dispatch(), prefilled)  # (packed, occupants, decode key, prefill)
                 if in_flight is not None:
                     self._process(*in_flight[:2])
-                    self.clock.turn_read(*in_flight[2])
+                    self.clock.turn_read(*in_flight[3], decode=in_flight[2])
                 in_flight = next_flight
             except DeviceFailure as e:
                 in_flight = None
@@ -714,16 +733,22 @@ class Engine:
         -> the prompt tokens run (a layer span counts its share of its chunk) and the widest attention window (0
         when none). While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run) share only
         what `TurnClock` allows, their last chunks included, so they cannot stall the streams; when that is less
-        than a chunk, one long prompt's chunk runs a layer span a turn instead. Short ones still start at once."""
+        than a chunk, one long prompt's chunk runs a layer span a turn instead. Short ones still start at once,
+        except in the one turn that times a decode program not timed yet (no budget exists without it)."""
         rows = []  # (prefill, start, count)
         most = self._prefill_rows_ready()
         long_rows = most
         waiting_long = [p for p in self.prefills if not p.short]
         spanned = next((p for p in self.prefills if p.span is not None), None)
         if any(self.choices) and waiting_long:  # budgeted at the widest window these prompts reach (an upper bound)
+            decode = self._decode_key()
+            if not self.clock.knows(decode):
+                return 0.0, 0  # one turn of this decode program alone times it: budgets are relative to it
             widest = self._prefill_window(any(p.request.params.loglikelihood for p in waiting_long),
                                           max(len(p.ids) for p in waiting_long))
-            budget = self.clock.budget(most * self.config.chunk, widest)
+            running = sum(choice is not None for choice in self.choices)
+            budget = self.clock.budget(most * self.config.chunk, widest, decode,
+                                       len(self.prefills) + len(self.waiting), running)
             if budget < self.config.chunk:
                 spanned = spanned or self._start_span(waiting_long)
             long_rows = 0 if spanned is not None else max(1, min(most, budget // self.config.chunk))
@@ -875,8 +900,9 @@ class Engine:
 
     # ---- decode
 
-    def _dispatch(self):
-        """Launch one decode step over the live slots; returns (packed outputs, who occupied each slot)."""
+    def _decode_key(self) -> tuple:
+        """The decode program the live slots run next: rows past the highest busy slot, the window past the
+        furthest position (a larger ready one while that compiles)."""
         active = [c for c in self.choices if c is not None]
         needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
         kv_len = bucket_for(max(needed, self.kv_buckets()[0]), self.config.max_len)
@@ -884,12 +910,17 @@ class Engine:
         rows = next(b for b in buckets if b > max(c.slot for c in active))
         fallbacks = [("decode", r, k) for r in buckets for k in self.kv_buckets() if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
-        key = self._program(("decode", rows, kv_len), fallbacks)
-        rows = key[1]
+        return self._program(("decode", rows, kv_len), fallbacks)
+
+    def _dispatch(self):
+        """Launch one decode step over the live slots; returns (packed outputs, who occupied each slot, the
+        program's key)."""
+        key = self._decode_key()
         packed = self._step("decode", key, self.bitmask_rows if self._constrained() else None)
-        for c in active:
-            c.position += 1
-        return packed, self.choices[:rows]
+        for c in self.choices:
+            if c is not None:
+                c.position += 1
+        return packed, self.choices[:key[1]], key
 
     def _process(self, packed, occupants: list[Choice | None]) -> None:
         """Read one step's tokens back (one copy) and advance every choice that was live when it ran; a host-side

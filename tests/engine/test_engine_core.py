@@ -456,18 +456,60 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
 
 def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
     """Decode-only turns of 0.125 s, then one with 64 prompt tokens at window 2048 taking 0.625 s (7.8 ms a
-    token): a turn may then prefill (3 - 1) x 0.125 s / 7.8 ms = 32 tokens at that window; before both are
-    measured, and at a window never measured, nothing beyond one chunk."""
+    token): a turn may then prefill (3 - 1) x 0.125 s / 7.8 ms = 32 tokens at that window beside that decode
+    program; before both are measured, at a window never measured and beside a decode program never timed alone,
+    nothing beyond one chunk. With more prompts waiting than streams running, the prefill time grows by their
+    ratio."""
     from jaxgen.engine import TurnClock
-    times = iter([0.0, 0.125, 0.25, 0.375, 1.0])
+    times = iter([0.0, 0.125, 0.25, 0.375, 1.0, 1.5, 2.5, 3.0])
     clock = TurnClock(slowdown=3.0, smoothing=1.0, now=lambda: next(times))
-    assert clock.budget(512, 2048) == 0
+    small, large = ("decode", 8, 256), ("decode", 32, 1024)
+    assert clock.budget(512, 2048, small) == 0 and not clock.knows(small)
     for tokens in [0, 0, 0, 0]:
-        clock.turn_read(tokens)
-    clock.turn_read(64, 2048)
-    assert clock.budget(512, 2048) == 32
-    assert clock.budget(16, 2048) == 16
-    assert clock.budget(512, 128) == 0
+        clock.turn_read(tokens, decode=small)
+    clock.turn_read(64, 2048, small)
+    assert clock.knows(small) and not clock.knows(large)
+    assert clock.budget(512, 2048, small) == 32
+    assert clock.budget(16, 2048, small) == 16
+    assert clock.budget(512, 128, small) == 0  # nothing narrower measured to price it from
+    assert clock.budget(512, 4096, small) == 16  # priced from window 2048, twice the cost a token
+    assert clock.budget(512, 2048, large) == 0
+    assert clock.budget(512, 2048, small, waiting=24, running=8) == 96  # 3 waiting a stream: 3x the prefill time
+    assert clock.budget(512, 2048, small, waiting=3, running=8) == 32  # fewer waiting than running: the cap
+    assert clock.budget(512, 2048, small, waiting=40, running=1) == 512  # never more than one call's budget
+    clock.turn_read(64, 2048, large)  # beside a decode program never timed alone: teaches nothing
+    assert clock.budget(512, 2048, small) == 32
+    clock.turn_read(0, decode=large)  # 1 s alone
+    assert clock.knows(large) and clock.budget(512, 2048, large) == 256
+    clock.turn_read(64, 128, large)  # a turn no longer than the decode step alone: its prompt cost is not known
+    assert clock.budget(512, 128, large) == 0
+
+
+def test_a_decode_program_not_timed_yet_runs_one_turn_alone(tiny_llm):
+    """While a stream decodes, a long prompt's first turn is the decode step alone (timing it); every later
+    turn of the same decode program has a budget, and the prompt runs."""
+    long = list(range(3, 103))
+    with tiny_engine_llm(tiny_llm, chunk=16) as llm:
+        engine = llm.engine
+        turns, prefill = [], engine._prefill
+
+        def recording_prefill():
+            beside_a_stream = any(engine.choices) and bool(engine.prefills)
+            if beside_a_stream and not turns:  # as if the stream had not decoded alone before the prompt came
+                engine.clock.decode_s.clear()
+            known = beside_a_stream and engine.clock.knows(engine._decode_key())
+            ran = prefill()
+            if beside_a_stream:
+                turns.append((known, ran[0]))
+            return ran
+        engine._prefill = recording_prefill
+        stream = engine.submit([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True))
+        assert wait_for(lambda: any(engine.choices), 30.0)
+        record(engine.submit(long, SamplingParams(max_tokens=1)))
+        record(stream)
+    assert turns[0] == (False, 0.0)
+    assert {tokens for known, tokens in turns if not known} == {0.0}  # untimed decode programs: no prompt work
+    assert sum(tokens for known, tokens in turns if known) >= len(long)
 
 
 @pytest.mark.parametrize("layers, spans, bounds", [(30, 3, [(0, 10), (10, 20), (20, 30)]),
@@ -502,7 +544,7 @@ def run_beside_a_stream(tiny_llm, layer_spans: int):
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=3)
     with tiny_engine_llm(tiny_llm, chunk=16, layer_spans=layer_spans) as llm:
         engine = llm.engine
-        engine.clock.budget = lambda most, window: 0
+        engine.clock.budget = lambda *shapes_and_load: 0
         calls, ops = [], []
         run_chunks, step = engine._run_chunks, engine._step
 
