@@ -13,9 +13,8 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
-from jaxgen.cli import huge_pages_environment
+from jaxgen.cli import this_process_huge_pages_environment
 
 CHILD = r"""
 import json, sys, time
@@ -45,7 +44,7 @@ print(json.dumps({"load": t_load - t0, "ready": t_ready - t0, "first_token": t_f
 
 def start(mode: str, cache: str) -> dict:
     """One start in a fresh process, in the environment `jaxgen serve` restarts itself in; -> its timings."""
-    env = huge_pages_environment(dict(os.environ), platform.libc_ver()[0]) or dict(os.environ)
+    env = this_process_huge_pages_environment() or dict(os.environ)
     out = subprocess.run([sys.executable, "-c", CHILD, mode, cache], capture_output=True, text=True, check=True,
                          env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -221,10 +221,15 @@ def huge_pages_environment(environ: dict[str, str], libc: str) -> dict[str, str]
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES}=1"]))}
 
 
+def this_process_huge_pages_environment() -> dict[str, str] | None:
+    """`huge_pages_environment` of this process's environment and C library."""
+    return huge_pages_environment(dict(os.environ), platform.libc_ver()[0])
+
+
 def restart_with_huge_pages(command: list[str]) -> None:
     """Replace this process by `command` (argv, `sys.executable` first) run in `huge_pages_environment`, when
     that differs from this one's; otherwise return. The new image sees the tunable set, so it runs on."""
-    environ = huge_pages_environment(dict(os.environ), platform.libc_ver()[0])
+    environ = this_process_huge_pages_environment()
     if environ is not None:
         sys.stdout.flush()
         sys.stderr.flush()

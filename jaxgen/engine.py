@@ -123,7 +123,7 @@ class TurnClock:
         self.token_s: dict[int, float] = {}  # one prompt token of prefill, by the attention window of its call
         self.last: float | None = None
 
-    def turn_read(self, prefill_tokens: float, window: int = 0, decode: tuple = ()) -> None:
+    def turn_read(self, prefill_tokens: float, window: int, decode: tuple) -> None:
         """A decode step of program `decode` was read back; `prefill_tokens` ran in the same turn, just before
         it, in a call of attention `window` (a layer span counts its share of its chunk's tokens)."""
         now = self.now()
@@ -144,7 +144,7 @@ class TurnClock:
         """Whether a decode-only turn of program `decode` has been timed (a turn's budget is relative to it)."""
         return decode in self.decode_s
 
-    def budget(self, most: int, window: int, decode: tuple = (), waiting: int = 0, running: int = 1) -> int:
+    def budget(self, most: int, window: int, decode: tuple, waiting: int = 0, running: int = 1) -> int:
         """Prompt tokens a turn may prefill at attention `window` beside decode program `decode` while `running`
         streams decode and `waiting` prompts wait for their first token (at most `most`; until both costs are
         measured, none beyond the caller's minimum of one chunk). The streams' slowdown is weighed against the
@@ -162,8 +162,8 @@ class TurnClock:
         window); None when no narrower window has been measured."""
         if window in self.token_s:
             return self.token_s[window]
-        narrower = [w for w in self.token_s if 0 < w < window]
-        return None if not narrower else self.token_s[max(narrower)] * window / max(narrower)
+        widest = max((w for w in self.token_s if 0 < w < window), default=None)
+        return None if widest is None else self.token_s[widest] * window / widest
 
     def _mix(self, old: float | None, new: float) -> float:
         """The moving average of `old` updated with `new`."""
@@ -586,14 +586,12 @@ class Engine:
                         self._wait_for_work()
                     continue
                 if in_flight is not None and self._constrained():  # masks need step t's tokens first
-                    self._process(*in_flight[:2])
-                    self.clock.turn_read(*in_flight[3], decode=in_flight[2])
+                    self._read_back(*in_flight)
                     in_flight = None
                     continue
-                next_flight = (*self._dispatch(), prefilled)  # (packed, occupants, decode key, prefill)
+                next_flight = (*self._dispatch(), prefilled)
                 if in_flight is not None:
-                    self._process(*in_flight[:2])
-                    self.clock.turn_read(*in_flight[3], decode=in_flight[2])
+                    self._read_back(*in_flight)
                 in_flight = next_flight
             except DeviceFailure as e:
                 in_flight = None
@@ -921,6 +919,11 @@ class Engine:
             if c is not None:
                 c.position += 1
         return packed, self.choices[:key[1]], key
+
+    def _read_back(self, packed, occupants: list[Choice | None], decode: tuple, prefilled: tuple[float, int]):
+        """Process a dispatched turn (`_dispatch`'s outputs and `_prefill`'s) and tell the clock what it ran."""
+        self._process(packed, occupants)
+        self.clock.turn_read(*prefilled, decode)
 
     def _process(self, packed, occupants: list[Choice | None]) -> None:
         """Read one step's tokens back (one copy) and advance every choice that was live when it ran; a host-side

@@ -466,7 +466,7 @@ def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
     small, large = ("decode", 8, 256), ("decode", 32, 1024)
     assert clock.budget(512, 2048, small) == 0 and not clock.knows(small)
     for tokens in [0, 0, 0, 0]:
-        clock.turn_read(tokens, decode=small)
+        clock.turn_read(tokens, 0, small)
     clock.turn_read(64, 2048, small)
     assert clock.knows(small) and not clock.knows(large)
     assert clock.budget(512, 2048, small) == 32
@@ -479,7 +479,7 @@ def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
     assert clock.budget(512, 2048, small, waiting=40, running=1) == 512  # never more than one call's budget
     clock.turn_read(64, 2048, large)  # beside a decode program never timed alone: teaches nothing
     assert clock.budget(512, 2048, small) == 32
-    clock.turn_read(0, decode=large)  # 1 s alone
+    clock.turn_read(0, 0, large)  # 1 s alone
     assert clock.knows(large) and clock.budget(512, 2048, large) == 256
     clock.turn_read(64, 128, large)  # a turn no longer than the decode step alone: its prompt cost is not known
     assert clock.budget(512, 128, large) == 0
