@@ -94,13 +94,16 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, fam
     """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
 
     `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
-    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`.
+    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`. Each row attends only
+    its own cache blocks (`row_blocks`), except when the slots are split over the mesh's `data` axis: a loop
+    over rows indexing a split axis would gather every layer's cache to every device, so there every row
+    reads the dense window.
     """
     out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
     adapters = None if lora is None else state.adapters[:rows]
     positions = state.positions[:rows]
     hidden, cache = family.forward(params, cfg, state.cache, out.tokens[:, None], positions[:, None], kv_len,
-                                   None, lora, adapters)
+                                   None, lora, adapters, row_blocks=layout.data == 1)
     logits = family.lm_logits(params, cfg, hidden[:, 0])
     last = spare_position(state)  # finished rows may step past their end: they write the spare column
     new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),

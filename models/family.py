@@ -24,7 +24,7 @@ class Family:
     name: str
     architectures: tuple[str, ...]  # the HF `model_type` values (`ModelConfig.architecture`) it runs
     forward: Callable  # (params, cfg, cache, tokens [B,T], positions [B,T], kv_len, rows, lora, adapters, *, span,
-    #                     hidden) -> (hidden, cache)
+    #                     hidden, row_blocks) -> (hidden, cache)
     lm_logits: Callable  # (params, cfg, hidden [..., D]) -> float32 logits [..., V]
     init_cache: Callable  # (cfg, num_slots, max_len, dtype) -> cache
     init_params: Callable  # (cfg, key, dtype) -> params

@@ -69,11 +69,11 @@ class GemmaFields:
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
             rows: jax.Array | None = None, lora=None, adapters=None, span: tuple[int, int] | None = None,
-            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+            hidden: jax.Array | None = None, row_blocks: bool = False) -> tuple[jax.Array, Cache]:
     """The one forward pass (the contract of `llama.forward`, layer spans included): tokens i32[B, T] at
     positions i32[B, T] against the KV cache -> (hidden [B, T, D] before the final norm, cache)."""
     g: GemmaFields = cfg.extra
-    step = step_of(tokens, positions, kv_len, rows)
+    step = step_of(tokens, positions, kv_len, rows, row_blocks)
     norm = functools.partial(rms_norm_offset, eps=cfg.rms_norm_eps)
     global_rope = rope_tables(cfg.rope_inv_freq(), positions)
     local_rope = global_rope if g.local_rope_theta is None else rope_tables(

@@ -19,6 +19,7 @@ from .config import ModelConfig, Params
 from .weights import split_gate_up, split_qkv
 
 MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
+ROW_BLOCK = 256  # cache positions a decode row reads at a time (`attend_rows`)
 Cache = dict[str, list[jax.Array]]
 
 
@@ -84,6 +85,53 @@ def attend(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: 
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * dh)
 
 
+def attend_rows(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
+                q_pos: jax.Array, kv_len: int, window: int | None, scale: float | None = None,
+                logit_cap: float | None = None) -> jax.Array:
+    """`attend` of one query per row, q [B, 1, H, Dh] at q_pos [B, 1], reading only the cache blocks of
+    ROW_BLOCK positions that row's query sees (from its sliding window's start, or 0, up to its own position)
+    of cache row `rows[b]`: -> [B, 1, H·Dh]. A loop over rows and their blocks with an online softmax, so a
+    decode step's attention costs the positions its rows hold, not rows × the widest row's window (a 2,000-token
+    row beside short ones made every row read 2,048 positions). A row past `kv_len` (an idle slot at the spare
+    position) reads the first block only."""
+    b, _, _, dh = q.shape
+    kvh, groups, width = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k_cache.shape[-1]
+    block = min(ROW_BLOCK, width)
+    q = q.reshape(b, kvh, groups, dh)
+    factor = 1.0 / np.sqrt(dh) if scale is None else scale
+
+    def row(r, out):
+        pos = jnp.where(q_pos[r, 0] < kv_len, q_pos[r, 0], 0)
+        first = 0 if window is None else jnp.maximum(pos - window + 1, 0) // block
+        slot, q_row = rows[r], q[r]  # q_row [KVH, G, Dh]
+
+        def step(j, carry):
+            top, total, acc = carry  # running max and sum of exp [KVH, G], weighted values [KVH, G, Dh]
+            start = jnp.minimum(j * block, width - block)  # the last block may reach back over the one before
+            keys = start + jnp.arange(block)
+            seen = (keys >= j * block) & (keys <= pos)
+            if window is not None:
+                seen &= keys > pos - window
+            # sliced straight from the cache: a row taken first would be copied whole on every iteration
+            k = jax.lax.dynamic_slice(k_cache, (slot, 0, 0, start), (1, kvh, dh, block))[0]  # [KVH, Dh, block]
+            v = jax.lax.dynamic_slice(v_cache, (slot, 0, start, 0), (1, kvh, block, dh))[0]  # [KVH, block, Dh]
+            s = jnp.einsum("kgd,kdl->kgl", q_row, k, preferred_element_type=jnp.float32) * factor
+            if logit_cap is not None:
+                s = softcap(s, logit_cap)
+            s = jnp.where(seen, s, MASKED)
+            new_top = jnp.maximum(top, s.max(-1))
+            p = jnp.exp(s - new_top[..., None])
+            keep = jnp.exp(top - new_top)
+            pv = jnp.einsum("kgl,kld->kgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            return new_top, total * keep + p.sum(-1), acc * keep[..., None] + pv
+        init = (jnp.full((kvh, groups), MASKED, jnp.float32), jnp.zeros((kvh, groups), jnp.float32),
+                jnp.zeros((kvh, groups, dh), jnp.float32))
+        _, total, acc = jax.lax.fori_loop(first, pos // block + 1, step, init)
+        return out.at[r].set((acc / total[..., None]).astype(out.dtype))
+    out = jax.lax.fori_loop(0, b, row, jnp.zeros((b, kvh, groups, dh), q.dtype))
+    return out.reshape(b, 1, cfg.num_heads * dh)
+
+
 def with_lora(y: jax.Array, x: jax.Array, lora_layer, group: str, adapters) -> jax.Array:
     """y = x @ W of a projection, plus each row's LoRA term when its layer has adapters for `group`."""
     if lora_layer is None or group not in lora_layer:
@@ -144,17 +192,23 @@ def read_window(cache_k: jax.Array, cache_v: jax.Array, rows: jax.Array | None, 
 
 class Step(NamedTuple):
     """Where one forward call reads and writes the cache: rows `rows` [B] (None: rows 0..B-1), tokens at
-    `positions` [B, T], the attended window [0, kv_len)."""
+    `positions` [B, T], the attended window [0, kv_len), and how it is read (the dense window, or each row's
+    own blocks)."""
 
     rows: jax.Array | None
     write_rows: jax.Array  # [B]: `rows`, or 0..B-1
     positions: jax.Array
     kv_len: int
+    row_blocks: bool  # one token a row, attending only its own blocks (`attend_rows`)
 
 
-def step_of(tokens: jax.Array, positions: jax.Array, kv_len: int, rows: jax.Array | None) -> Step:
-    """The Step of a forward call over tokens [B, T]."""
-    return Step(rows, jnp.arange(tokens.shape[0], dtype=jnp.int32) if rows is None else rows, positions, kv_len)
+def step_of(tokens: jax.Array, positions: jax.Array, kv_len: int, rows: jax.Array | None,
+            row_blocks: bool = False) -> Step:
+    """The Step of a forward call over tokens [B, T]; `row_blocks` (T = 1 only) picks `attend_rows`."""
+    if row_blocks and tokens.shape[1] != 1:
+        raise ValueError(f"row_blocks attends one token a row, not {tokens.shape[1]}")
+    return Step(rows, jnp.arange(tokens.shape[0], dtype=jnp.int32) if rows is None else rows, positions, kv_len,
+                row_blocks)
 
 
 def cached_attention(cfg: ModelConfig, q, k, v, k_cache, v_cache, step: Step, window: int | None,
@@ -162,6 +216,9 @@ def cached_attention(cfg: ModelConfig, q, k, v, k_cache, v_cache, step: Step, wi
     """Write this call's k, v into the cache, then attend q to the step's window: -> (attn [B, T, H·Dh], k_cache,
     v_cache). Every row's K/V of a layer is written before any row reads it (rows may share a cache row)."""
     k_cache, v_cache = write_kv(k_cache, v_cache, step.write_rows, step.positions, k, v)
+    if step.row_blocks:
+        return (attend_rows(cfg, q, k_cache, v_cache, step.write_rows, step.positions, step.kv_len, window, scale,
+                            logit_cap), k_cache, v_cache)
     window_kv = read_window(k_cache, v_cache, step.rows, q.shape[0], step.kv_len)
     return attend(cfg, q, *window_kv, step.positions, window, scale, logit_cap), k_cache, v_cache
 

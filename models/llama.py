@@ -53,7 +53,7 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
             rows: jax.Array | None = None, lora=None, adapters=None, mlp=gated_mlp, span: tuple[int, int] | None = None,
-            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+            hidden: jax.Array | None = None, row_blocks: bool = False) -> tuple[jax.Array, Cache]:
     """The one forward pass: tokens i32[B, T] at positions i32[B, T] against the KV cache.
 
     Row b writes its tokens' K/V into cache row `rows[b]` (None: row b) at their positions, then attends to
@@ -64,9 +64,11 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     `mlp(layer, x, lora_layer, adapters)` is the feed-forward block (a family may swap it: the MoE's experts).
     With `span` [start, stop), only those layers run, from `hidden` [B, T, D] (the previous span's output; the
     embeddings when start is 0): a prompt chunk can run a few layers a call, with the bits of one whole call.
+    With `row_blocks` (T = 1), each row reads only the cache blocks up to its own position (`layers.attend_rows`)
+    instead of the whole window: the decode step's attention then costs what its rows hold.
     Returns (hidden [B, T, D] after the last layer run, before the final norm; cache).
     """
-    step = step_of(tokens, positions, kv_len, rows)
+    step = step_of(tokens, positions, kv_len, rows, row_blocks)
     cos, sin = rope_tables(cfg.rope_inv_freq(), positions)
     eps = cfg.rms_norm_eps
     qk_norm = functools.partial(rms_norm, eps=eps)

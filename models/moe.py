@@ -121,12 +121,12 @@ SHARD_SPECS = (("experts_gate", P(None, None, "model")), ("experts_up", P(None, 
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
             rows: jax.Array | None = None, lora=None, adapters=None, span: tuple[int, int] | None = None,
-            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+            hidden: jax.Array | None = None, row_blocks: bool = False) -> tuple[jax.Array, Cache]:
     """`llama.forward` with the experts as the feed-forward block (LoRA on the attention only)."""
     def experts(layer, x, lora_layer, adapters):
         return experts_mlp(cfg, layer, x)
     return llama.forward(params, cfg, cache, tokens, positions, kv_len, rows, lora, adapters, mlp=experts,
-                         span=span, hidden=hidden)
+                         span=span, hidden=hidden, row_blocks=row_blocks)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

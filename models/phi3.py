@@ -85,7 +85,7 @@ def splits_layers(cfg: ModelConfig) -> bool:
 
 def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, positions: jax.Array, kv_len: int,
             rows: jax.Array | None = None, lora=None, adapters=None, span: tuple[int, int] | None = None,
-            hidden: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+            hidden: jax.Array | None = None, row_blocks: bool = False) -> tuple[jax.Array, Cache]:
     """The one forward pass (the contract of `llama.forward`): tokens i32[B, T] at positions i32[B, T] against
     the KV cache -> (hidden [B, T, D] before the final norm, cache). With LongRoPE both streams run (module
     docstring) and each position takes its own regime's hidden state; layer spans then do not apply (two
@@ -93,10 +93,10 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     g: Phi3Fields = cfg.extra
     if not g.longrope:
         return llama.forward(params, cfg, cache, tokens, positions, kv_len, rows, lora, adapters, span=span,
-                             hidden=hidden)
+                             hidden=hidden, row_blocks=row_blocks)
     if span is not None:
         raise ValueError("Phi-3 with LongRoPE runs every layer in one call (no layer spans)")
-    step = step_of(tokens, positions, kv_len, rows)
+    step = step_of(tokens, positions, kv_len, rows, row_blocks)
     eps, n = cfg.rms_norm_eps, cfg.num_layers
     x = params["embed"][tokens]
     hidden, new_k, new_v = [], [], []

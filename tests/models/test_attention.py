@@ -1,0 +1,75 @@
+"""Decode attention that reads each row's own blocks (`layers.attend_rows`) against the dense window
+(`layers.attend`) on random caches: positions spread over the window, block edges, sliding windows, a query
+scale and soft-cap, rows mapped to other cache rows, idle rows at the spare position, and caches narrower
+than a block."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.models import layers
+from jaxgen.models.config import ModelConfig
+
+CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=1, num_heads=6,
+                  num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+                  tie_word_embeddings=True)
+
+
+def random_cache(rng, slots: int, max_len: int):
+    """k [S, KVH, Dh, T + 1], v [S, KVH, T + 1, Dh] of random values."""
+    kvh, dh = CFG.num_kv_heads, CFG.head_dim
+    return (jnp.asarray(rng.standard_normal((slots, kvh, dh, max_len + 1)), jnp.float32),
+            jnp.asarray(rng.standard_normal((slots, kvh, max_len + 1, dh)), jnp.float32))
+
+
+def dense(q, k_cache, v_cache, rows, positions, kv_len, window, scale=None, cap=None):
+    """The dense path: every row reads the window [0, kv_len) of its cache row."""
+    k_t, v = layers.read_window(k_cache, v_cache, jnp.asarray(rows), len(rows), kv_len)
+    return layers.attend(CFG, q, k_t, v, jnp.asarray(positions)[:, None], window, scale, cap)
+
+
+@pytest.mark.parametrize("max_len,kv_len,window,scale,cap", [
+    (512, 512, None, None, None),
+    (512, 384, None, None, None),  # a window that is not a power of two
+    (512, 512, 100, None, None),  # sliding: blocks before the window are skipped
+    (512, 256, 130, 0.3, 20.0),  # Gemma's query scale and soft-cap
+    (40, 32, None, None, None),  # the cache is narrower than one block
+])
+def test_rows_read_only_their_blocks_with_the_dense_result(max_len, kv_len, window, scale, cap):
+    rng = np.random.default_rng(max_len + kv_len)
+    slots = 6
+    k_cache, v_cache = random_cache(rng, slots, max_len)
+    positions = [0, 1, kv_len - 1, min(127, kv_len - 1), min(128, kv_len - 1), int(rng.integers(0, kv_len))]
+    rows = [3, 0, 5, 1, 4, 2]
+    q = jnp.asarray(rng.standard_normal((slots, 1, CFG.num_heads, CFG.head_dim)), jnp.float32)
+    got = layers.attend_rows(CFG, q, k_cache, v_cache, jnp.asarray(rows), jnp.asarray(positions)[:, None], kv_len,
+                             window, scale, cap)
+    want = dense(q, k_cache, v_cache, rows, positions, kv_len, window, scale, cap)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_an_idle_row_reads_one_block_and_stays_finite():
+    rng = np.random.default_rng(0)
+    k_cache, v_cache = random_cache(rng, 2, 256)
+    spare = 256
+    q = jnp.asarray(rng.standard_normal((2, 1, CFG.num_heads, CFG.head_dim)), jnp.float32)
+    got = layers.attend_rows(CFG, q, k_cache, v_cache, jnp.arange(2), jnp.asarray([[5], [spare]]), 256, None)
+    want = dense(q, k_cache, v_cache, [0, 1], [5, 0], 256, None)  # the idle row attends position 0 alone
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_heads_follow_their_kv_head():
+    """With one KV head per query head (no grouping) the blocks give the dense result too."""
+    cfg = dataclasses.replace(CFG, num_kv_heads=CFG.num_heads)
+    rng = np.random.default_rng(1)
+    k_cache = jnp.asarray(rng.standard_normal((2, cfg.num_heads, cfg.head_dim, 301)), jnp.float32)
+    v_cache = jnp.asarray(rng.standard_normal((2, cfg.num_heads, 301, cfg.head_dim)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 1, cfg.num_heads, cfg.head_dim)), jnp.float32)
+    positions = jnp.asarray([[299], [130]])
+    got = layers.attend_rows(cfg, q, k_cache, v_cache, jnp.arange(2), positions, 300, None)
+    k_t, v = layers.read_window(k_cache, v_cache, None, 2, 300)
+    want = layers.attend(cfg, q, k_t, v, positions, None)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
