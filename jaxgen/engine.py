@@ -44,7 +44,7 @@ from jaxgen.models.sharding import Layout, layout_for, state_shardings
 from jaxgen.sampling import SamplingParams, full_bitmask, make_row, row_key
 
 from . import multihost, programs
-from .buckets import all_buckets, bucket_for
+from .buckets import all_buckets
 from .compiled import ProgramTable
 from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequestError, JaxgenError, NotFoundError, QueueFullError
@@ -319,7 +319,7 @@ class Engine:
         self.programs.build_all(essential)
         self._warm_key_folding()
         most, kv, least = self.prefill_row_buckets()[-1], self.kv_buckets()[-1], self.kv_buckets()[0]
-        first = [("decode", 1, least), ("prefill", 1, least, False), ("prefill", most, kv, False),
+        first = [("decode", 1, self.decode_windows()[0]), ("prefill", 1, least, False), ("prefill", most, kv, False),
                  ("prefill", most, kv, True)]
         first = [k for k in dict.fromkeys(first) if k in keys and k not in essential]
         rest = sorted((k for k in keys if k not in essential and k not in first), key=lambda k: (k[0], k[2], k[1]))
@@ -370,10 +370,15 @@ class Engine:
         """Attention windows the programs are compiled for."""
         return all_buckets(self.config.max_len, min(MIN_KV_BUCKET, self.config.max_len))
 
+    def decode_windows(self) -> list[int]:
+        """Attention windows of the decode programs: the largest alone where rows read only their own cache
+        blocks (the window no longer sets the cost: one program per row bucket), else every bucket."""
+        return self.kv_buckets()[-1:] if programs.reads_own_blocks(self.layout) else self.kv_buckets()
+
     def program_keys(self) -> list[tuple]:
         """Every program shape: ("decode", rows, kv_len), ("prefill", chunks, kv_len, score), ("span", index,
         kv_len) (one layer span of a chunk, `layer_span_bounds`) and the slot steps (`slot_step_keys`)."""
-        decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in self.kv_buckets()]
+        decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in self.decode_windows()]
         prefill = [("prefill", b, k, score) for score in (False, True) for b in self.prefill_row_buckets()
                    for k in self.prefill_windows(score)]
         spans = [("span", i, k) for k in self.prefill_windows(False) for i in range(len(self.layer_span_bounds()))]
@@ -903,10 +908,11 @@ class Engine:
         furthest position (a larger ready one while that compiles)."""
         active = [c for c in self.choices if c is not None]
         needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
-        kv_len = bucket_for(max(needed, self.kv_buckets()[0]), self.config.max_len)
+        windows = self.decode_windows()
+        kv_len = next(k for k in windows if k >= needed)
         buckets = row_buckets(self.config.num_slots)
         rows = next(b for b in buckets if b > max(c.slot for c in active))
-        fallbacks = [("decode", r, k) for r in buckets for k in self.kv_buckets() if r >= rows and k >= kv_len
+        fallbacks = [("decode", r, k) for r in buckets for k in windows if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
         return self._program(("decode", rows, kv_len), fallbacks)
 

@@ -94,22 +94,27 @@ def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, fam
     """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
 
     `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
-    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`. Each row attends only
-    its own cache blocks (`row_blocks`), except when the slots are split over the mesh's `data` axis: a loop
-    over rows indexing a split axis would gather every layer's cache to every device, so there every row
-    reads the dense window.
+    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`. Rows attend only their
+    own cache blocks where `reads_own_blocks(layout)`; `kv_len` then only bounds the idle rows.
     """
     out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
     adapters = None if lora is None else state.adapters[:rows]
     positions = state.positions[:rows]
     hidden, cache = family.forward(params, cfg, state.cache, out.tokens[:, None], positions[:, None], kv_len,
-                                   None, lora, adapters, row_blocks=layout.data == 1)
+                                   None, lora, adapters, row_blocks=reads_own_blocks(layout))
     logits = family.lm_logits(params, cfg, hidden[:, 0])
     last = spare_position(state)  # finished rows may step past their end: they write the spare column
     new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
                         logits=state.logits.at[:rows].set(logits),
                         positions=state.positions.at[:rows].set(jnp.minimum(positions + 1, last)))
     return constrain(new, layout), whole_rows(pack_output(out), layout)
+
+
+def reads_own_blocks(layout: Layout) -> bool:
+    """Whether a decode step's rows attend only their own cache blocks (`layers.attend_rows`): unless the mesh's
+    `data` axis splits the slots, where a loop indexing the split axis would gather every layer's cache to every
+    device (there every row reads the dense window)."""
+    return layout.data == 1
 
 
 def first_logits(params, hidden, last, family: Family, cfg, layout: Layout) -> jax.Array:

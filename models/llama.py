@@ -22,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .config import ModelConfig, Params, base_fields_from_hf, refuse_features
 from .layers import (Cache, cached_attention, gated_mlp, init_attention_mlp, init_cache, insert, lm_head,
