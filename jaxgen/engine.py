@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import threading
 import time
 import weakref
@@ -40,6 +41,7 @@ import numpy as np
 
 from jaxgen.models import lora as lora_lib
 from jaxgen.models.family import family_for
+from jaxgen.models.layers import ROW_BLOCK
 from jaxgen.models.sharding import Layout, layout_for, state_shardings
 from jaxgen.sampling import SamplingParams, full_bitmask, make_row, row_key
 
@@ -85,7 +87,7 @@ class Prefill:
     choice_slots: list[int]  # the n slots its choices will decode in (the first is `slot`); [] to score only
     next: int  # the first prompt position not dispatched yet
     short: bool  # at most SHORT_PROMPT_CHUNKS chunks to run from the start: never held back for running streams
-    span: tuple[int, int, int] | None = None  # (start, count, next span) of a chunk it runs a layer span a turn
+    span: tuple[int, int, int] | None = None  # (start, count, next span) of a chunk it runs in layer spans
     scores: list = dataclasses.field(default_factory=list)  # (start, count, device scores, row) per scored chunk
     reused_scores: tuple | None = None  # host scores of the reused prefix
 
@@ -736,15 +738,17 @@ class Engine:
         -> the prompt tokens run (a layer span counts its share of its chunk) and the widest attention window (0
         when none). While streams decode, long prompts (more than SHORT_PROMPT_CHUNKS chunks to run) share only
         what `TurnClock` allows, their last chunks included, so they cannot stall the streams; when that is less
-        than a chunk, one long prompt's chunk runs a layer span a turn instead. Short ones still start at once,
-        except in the one turn that times a decode program not timed yet (no budget exists without it)."""
+        than a chunk, one long prompt's chunk runs in layer spans instead, as many a turn as the budget buys (all
+        of them without streams to spare). Short ones still start at once, except in the one turn that times a
+        decode program not timed yet (no budget exists without it)."""
         rows = []  # (prefill, start, count)
+        spans_bought = len(self.layer_span_bounds())  # layer spans this turn may run of a spanned chunk
         most = self._prefill_rows_ready()
         long_rows = most
         waiting_long = [p for p in self.prefills if not p.short]
         spanned = next((p for p in self.prefills if p.span is not None), None)
         if any(self.choices) and waiting_long:  # budgeted at the widest window these prompts reach (an upper bound)
-            decode = self._decode_key()
+            decode = self._clock_key(self._decode_key())
             if not self.clock.knows(decode):
                 return 0.0, 0  # one turn of this decode program alone times it: budgets are relative to it
             widest = self._prefill_window(any(p.request.params.loglikelihood for p in waiting_long),
@@ -754,6 +758,7 @@ class Engine:
                                        len(self.prefills) + len(self.waiting), running)
             if budget < self.config.chunk:
                 spanned = spanned or self._start_span(waiting_long)
+            spans_bought = max(1, budget * spans_bought // self.config.chunk)
             long_rows = 0 if spanned is not None else max(1, min(most, budget // self.config.chunk))
         for p in self.prefills:
             while p.span is None and p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
@@ -765,13 +770,15 @@ class Engine:
             scores, window = self._run_chunks(rows)
             self._chunks_ran(rows, scores)
             tokens = sum(count for _, _, count in rows)
-        if spanned is not None:
+        for _ in range(spans_bought):
+            if spanned is None or spanned.span is None:
+                break
             share, span_window = self._run_span(spanned)
             tokens, window = tokens + share, max(window, span_window)
         return tokens, window
 
     def _start_span(self, waiting_long: list[Prefill]) -> Prefill | None:
-        """The first long prompt whose next chunk can run a layer span a turn (unscored, its span programs ready),
+        """The first long prompt whose next chunk can run in layer spans (unscored, its span programs ready),
         that chunk taken; or None."""
         spans = len(self.layer_span_bounds())
         for p in waiting_long:
@@ -916,15 +923,27 @@ class Engine:
                      and (r, k) != (rows, kv_len)]
         return self._program(("decode", rows, kv_len), fallbacks)
 
+    def _clock_key(self, key: tuple) -> tuple:
+        """What the cost of decode program `key` over the live slots depends on, as `TurnClock` keys it: the
+        program, and where rows read only their own blocks, the blocks it reads (in steps of sqrt(2)): the step
+        grows with its streams, and under load no turn is decode-only to notice it, so a step that has grown
+        is a program not timed yet."""
+        if not programs.reads_own_blocks(self.layout):
+            return key
+        active = [c for c in self.choices[:key[1]] if c is not None]
+        blocks = sum(c.position // ROW_BLOCK + 1 for c in active) + key[1] - len(active)  # idle rows: one block
+        return (*key, round(2 * math.log2(blocks)))
+
     def _dispatch(self):
         """Launch one decode step over the live slots; returns (packed outputs, who occupied each slot, the
-        program's key)."""
+        step's `_clock_key`)."""
         key = self._decode_key()
+        clock_key = self._clock_key(key)
         packed = self._step("decode", key, self.bitmask_rows if self._constrained() else None)
         for c in self.choices:
             if c is not None:
                 c.position += 1
-        return packed, self.choices[:key[1]], key
+        return packed, self.choices[:key[1]], clock_key
 
     def _read_back(self, packed, occupants: list[Choice | None], decode: tuple, prefilled: tuple[float, int]):
         """Process a dispatched turn (`_dispatch`'s outputs and `_prefill`'s) and tell the clock what it ran."""

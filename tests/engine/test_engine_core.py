@@ -497,7 +497,7 @@ def test_a_decode_program_not_timed_yet_runs_one_turn_alone(tiny_llm):
             beside_a_stream = any(engine.choices) and bool(engine.prefills)
             if beside_a_stream and not turns:  # as if the stream had not decoded alone before the prompt came
                 engine.clock.decode_s.clear()
-            known = beside_a_stream and engine.clock.knows(engine._decode_key())
+            known = beside_a_stream and engine.clock.knows(engine._clock_key(engine._decode_key()))
             ran = prefill()
             if beside_a_stream:
                 turns.append((known, ran[0]))
@@ -510,6 +510,27 @@ def test_a_decode_program_not_timed_yet_runs_one_turn_alone(tiny_llm):
     assert turns[0] == (False, 0.0)
     assert {tokens for known, tokens in turns if not known} == {0.0}  # untimed decode programs: no prompt work
     assert sum(tokens for known, tokens in turns if known) >= len(long)
+
+
+def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):
+    """Decode rows read only their own cache blocks, so a stream's step grows as it does: the clock keys one
+    decode program by the blocks its rows read too (steps of sqrt(2)), and a longer stream's step is a
+    program not timed yet."""
+    from jaxgen.models.layers import ROW_BLOCK
+
+    with tiny_engine_llm(tiny_llm) as llm:
+        engine, keys = llm.engine, []
+        dispatch = engine._dispatch
+
+        def recording_dispatch():
+            position = next(c.position for c in engine.choices if c is not None)
+            out = dispatch()
+            keys.append((position, out[2]))
+            return out
+        engine._dispatch = recording_dispatch
+        record(engine.submit([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=ROW_BLOCK + 60, ignore_eos=True)))
+    assert len({key[:3] for _, key in keys}) == 1  # one decode program, its row at 1 block then 2
+    assert {position: key[3] for position, key in keys} == {p: 0 if p < ROW_BLOCK else 2 for p, _ in keys}
 
 
 @pytest.mark.parametrize("layers, spans, bounds", [(30, 3, [(0, 10), (10, 20), (20, 30)]),

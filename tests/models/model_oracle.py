@@ -108,11 +108,13 @@ def prefill_logits(params, cfg, tokens, lengths):
     return kv, family.lm_logits(params, cfg, hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kv_len"), donate_argnames=("cache",))
-def decode_step(params, cfg, cache, tokens, positions, kv_len):
-    """One jitted decode step (tokens, positions [S]) with the cache donated: (logits [S, V], cache)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "row_blocks"), donate_argnames=("cache",))
+def decode_step(params, cfg, cache, tokens, positions, kv_len, row_blocks: bool = True):
+    """One jitted decode step (tokens, positions [S]) with the cache donated: (logits [S, V], cache). Rows read
+    only their own cache blocks as the engine's decode does on one device (`row_blocks`), or the dense window."""
     family = family_for(cfg)
-    hidden, cache = family.forward(params, cfg, cache, tokens[:, None], positions[:, None], kv_len)
+    hidden, cache = family.forward(params, cfg, cache, tokens[:, None], positions[:, None], kv_len,
+                                   row_blocks=row_blocks)
     return family.lm_logits(params, cfg, hidden[:, 0]), cache
 
 
@@ -172,7 +174,7 @@ def our_greedy(params, cfg, prompts, n: int, *, kv_len: int | None = None, max_l
     return np.stack(out, axis=1).tolist()
 
 
-def decode_only(params, cfg, ids, n: int = 0, *, kv_len: int | None = None):
+def decode_only(params, cfg, ids, n: int = 0, *, kv_len: int | None = None, row_blocks: bool = True):
     """Feed `ids` one token at a time through `decode` from an empty cache (no prefill), then n greedy tokens.
 
     Returns (logits [len(ids), V] at the prompt positions, the greedy continuation of n tokens).
@@ -184,7 +186,7 @@ def decode_only(params, cfg, ids, n: int = 0, *, kv_len: int | None = None):
     for pos in range(len(ids) + n - 1 if n else len(ids)):
         feed = ids[pos] if pos < len(ids) else tok
         logits, cache = decode_step(params, cfg, cache, jnp.asarray([feed], jnp.int32),
-                                    jnp.asarray([pos], jnp.int32), kv_len)
+                                    jnp.asarray([pos], jnp.int32), kv_len, row_blocks)
         logits = np.asarray(logits[0])
         if pos < len(ids):
             rows.append(logits)

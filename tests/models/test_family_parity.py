@@ -147,11 +147,13 @@ def test_chunks_match_hf(case, reference, chunk, rows_per_call):
     assert diff <= ATOL
 
 
-def test_decode_path_matches_hf(case, reference):
+@pytest.mark.parametrize("row_blocks", [True, False], ids=["own-blocks", "dense"])
+def test_decode_path_matches_hf(case, reference, row_blocks):
+    """Token by token, each row reading its own cache blocks (the engine's decode) or the dense window."""
     name, _, cfg, params, _, prompt = case
-    ours, _ = mo.decode_only(params, cfg, prompt)
+    ours, _ = mo.decode_only(params, cfg, prompt, row_blocks=row_blocks)
     diff = np.abs(ours - reference).max()
-    print(f"{name}: decode path max |logit diff| = {diff:.2e}")
+    print(f"{name}: decode path ({'own blocks' if row_blocks else 'dense'}) max |logit diff| = {diff:.2e}")
     assert diff <= ATOL
 
 
