@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -227,10 +228,11 @@ class Engine:
         self.num_adapters = lora_lib.num_adapters(lora)
         self.context_limit = min(config.max_len, cfg.max_position_embeddings)
         self.dtype = jax.tree.leaves(params)[0].dtype
-        self.state = self._empty_state()
-        self.state_shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
-                                         state_shardings(self.state, self.layout))
-        self.spare = programs.spare_position(self.state)
+        self._state, self._pending_state = None, self._fill_state_in_background()
+        shapes = jax.eval_shape(self._empty_state)
+        self.state_shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                                         state_shardings(shapes, self.layout))
+        self.spare = programs.spare_position(shapes)
         self.bitmask = self._put(full_bitmask(config.num_slots, cfg.vocab_size))  # every token allowed
         self.bitmask_rows = full_bitmask(config.num_slots, cfg.vocab_size)  # host rows, filled by matchers
         eos = np.zeros(cfg.vocab_size, np.bool_)
@@ -345,6 +347,8 @@ class Engine:
         self.waiting.clear()
         self.choices = [None] * self.config.num_slots
         self.prefills = []
+        if self._pending_state is not None:  # no device program may outlive the engine
+            concurrent.futures.wait([self._pending_state])
         self.state = None
         _LIVE_ENGINES.discard(self)
 
@@ -505,6 +509,26 @@ class Engine:
     def _on_compile_error(self, error: BaseException) -> None:
         """Background compiling failed: remember it (the programs compile on demand instead)."""
         self.compile_error = error
+
+    @property
+    def state(self) -> programs.DecodeState:
+        """The decode state; its first use waits for the zero fill that began at construction."""
+        if self._pending_state is not None:
+            self._state, self._pending_state = self._pending_state.result(), None
+        return self._state
+
+    @state.setter
+    def state(self, value: programs.DecodeState | None) -> None:
+        self._state, self._pending_state = value, None
+
+    def _fill_state_in_background(self) -> concurrent.futures.Future:
+        """Build the empty state in a thread: zero-filling the KV cache is most of an engine's construction (4.6
+        s for the default 3 GB on the development VM, the host backing fresh memory page by page) and can run
+        while the programs load or compile."""
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxgen-state")
+        future = pool.submit(self._empty_state)
+        pool.shutdown(wait=False)
+        return future
 
     def _empty_state(self) -> programs.DecodeState:
         """A fresh decode state: every slot idle, its writes aimed at the spare column."""
