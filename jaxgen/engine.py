@@ -115,8 +115,8 @@ class TurnClock:
 
     A turn's duration is measured between two consecutive read-backs of decode steps: the device ran that
     turn's prefill call and its decode step in between. Estimates are exponential moving averages. A decode
-    step's cost is kept per decode program (32 rows at a 1,024-position window cost several times 8 rows at
-    256), and a prompt token's per attention window of its call (a chunk at window 2048 costs a few times one
+    step's cost is kept per key the engine gives it (`Engine._clock_key`: the decode program, and the cache
+    blocks its rows read, since 32 long rows cost several times 8 short ones), and a prompt token's per attention window of its call (a chunk at window 2048 costs a few times one
     at 128); a window not measured yet is priced from a narrower one scaled up to it, and what has nothing to
     be priced from gets the minimum of one chunk instead of a cheaper shape's budget."""
 
@@ -766,7 +766,8 @@ class Engine:
         of them without streams to spare). Short ones still start at once, except in the one turn that times a
         decode program not timed yet (no budget exists without it)."""
         rows = []  # (prefill, start, count)
-        spans_bought = len(self.layer_span_bounds())  # layer spans this turn may run of a spanned chunk
+        spans = len(self.layer_span_bounds())
+        spans_bought = spans  # layer spans of a spanned chunk this turn may run: all, unless budgeted
         most = self._prefill_rows_ready()
         long_rows = most
         waiting_long = [p for p in self.prefills if not p.short]
@@ -782,7 +783,7 @@ class Engine:
                                        len(self.prefills) + len(self.waiting), running)
             if budget < self.config.chunk:
                 spanned = spanned or self._start_span(waiting_long)
-            spans_bought = max(1, budget * spans_bought // self.config.chunk)
+            spans_bought = max(1, budget * spans // self.config.chunk)  # a span costs chunk / spans tokens
             long_rows = 0 if spanned is not None else max(1, min(most, budget // self.config.chunk))
         for p in self.prefills:
             while p.span is None and p.next < len(p.ids) and len(rows) < (most if p.short else long_rows):
