@@ -109,7 +109,9 @@ def cache_root() -> str:
 
 
 def enable_compile_cache() -> None:
-    """Keep compiled programs on disk (JAX's persistent cache), so a second start skips most compiling."""
+    """Keep compiled programs on disk (JAX's persistent cache), so a second start skips most compiling. Not
+    for `serve`: its engine keeps its own executables (ProgramTable), which JAX's cache would keep from
+    being stored."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir:
@@ -147,7 +149,6 @@ def run_serve(args) -> int:
     from jaxgen.engine import EngineConfig
     from jaxgen.server import serve
 
-    enable_compile_cache()
     config = EngineConfig(num_slots=args.max_slots, max_len=args.max_len, max_queue=args.max_queue,
                           executable_cache=os.path.join(cache_root(), "executables"),
                           strict_schemas=not args.allow_additional_properties)

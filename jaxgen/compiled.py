@@ -16,7 +16,6 @@ import weakref
 from typing import Callable, Hashable, Sequence
 
 import jax
-from jax._src import config as jax_config  # the thread-local switch for JAX's persistent cache (see _compile)
 from jax.experimental import serialize_executable
 
 import jaxgen
@@ -29,6 +28,18 @@ import jaxgen.sampling
 # creating many engines would otherwise reach the kernel's limit on them and crash).
 _BUILT: "weakref.WeakValueDictionary[str, Callable]" = weakref.WeakValueDictionary()
 _BUILT_LOCK = threading.Lock()
+
+# Whether this thread's compile in progress came out of JAX's persistent cache (see ProgramTable._compile).
+_COMPILING = threading.local()
+
+
+def _note_jax_cache_hit(event: str, **_) -> None:
+    """JAX's monitoring hook: a persistent-cache hit, recorded on the compiling thread, marks that compile."""
+    if event == "/jax/compilation_cache/cache_hits" and getattr(_COMPILING, "active", False):
+        _COMPILING.hit = True
+
+
+jax.monitoring.register_event_listener(_note_jax_cache_hit)
 
 
 def source_fingerprint() -> str:
@@ -125,8 +136,9 @@ class ProgramTable:
             if program is not None:
                 self.loaded_count += 1
             else:
-                program = self._compile(key)
-                self._store(key, program)
+                program, from_jax_cache = self._compile(key)
+                if not from_jax_cache:
+                    self._store(key, program)
                 self.compiled_count += 1
             with _BUILT_LOCK:
                 program = _BUILT.setdefault(digest, program)
@@ -134,14 +146,17 @@ class ProgramTable:
             self.ready[key] = program
         return program
 
-    def _compile(self, key: Hashable) -> Callable:
-        """Lower and compile key's program. An executable to be stored is compiled past JAX's persistent cache
-        (on this thread only): on XLA CPU, one that JAX loaded from its cache serializes without its kernels,
-        and a later process running it fails ("Function wrapped_slice not found")."""
-        if self.cache_dir is None:
-            return self.lower(key).compile()
-        with jax_config.enable_compilation_cache(False):
-            return self.lower(key).compile()
+    def _compile(self, key: Hashable) -> tuple[Callable, bool]:
+        """Lower and compile key's program: (executable, whether JAX's persistent cache supplied it). On XLA
+        CPU an executable that JAX loaded from its cache serializes without its kernels (a later process
+        running it fails: "Function copy_gather_fusion not found"), so such a one is never stored. JAX
+        decides once per process whether its cache is used, so it cannot be switched off for one compile;
+        `jaxgen serve` leaves it off, and the executable cache is its only one."""
+        _COMPILING.active, _COMPILING.hit = True, False
+        try:
+            return self.lower(key).compile(), _COMPILING.hit
+        finally:
+            _COMPILING.active = False
 
     def _load(self, key: Hashable) -> Callable | None:
         """The deserialized executable of `key`, or None (no cache, no entry, or an unreadable one)."""

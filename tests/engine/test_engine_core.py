@@ -426,10 +426,12 @@ with jaxgen.load(sys.argv[1], dtype=jnp.float32, engine_config=config) as llm:
 def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
     """A fresh process with the same executable cache loads every program instead of compiling it
     (bench/startup.py measures the start-up that saves) and gives the same tokens; a damaged entry is
-    rebuilt, not fatal. JAX's persistent cache is on and already holds every program (a start without the
-    executable cache filled it): the entries must still run in a later process."""
+    rebuilt, not fatal. JAX's persistent cache is on: after an upgrade (the executables gone, JAX's cache
+    still holding every program) the programs JAX supplies are not stored, since such an executable would
+    not run in a later process, and what is stored still runs."""
     import dataclasses
     import json
+    import shutil
     config = {k: v for k, v in dataclasses.asdict(CORE).items() if k != "executable_cache"}
     cache = str(tmp_path / "executables")
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
@@ -442,16 +444,19 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    reference = start(None)
+    reference = start(None)  # fills JAX's cache with every program
+    upgraded = start(cache)
+    programs = upgraded["compiled"]
+    assert programs > 0 and upgraded["loaded"] == 0 and not os.path.exists(cache)
+    shutil.rmtree(tmp_path / "xla")
     first = start(cache)
-    assert first["compiled"] > 0 and first["loaded"] == 0
+    assert (first["compiled"], first["loaded"]) == (programs, 0) and len(os.listdir(cache)) == programs
     entries = sorted(os.listdir(cache))
-    assert len(entries) == first["compiled"]
     with open(os.path.join(cache, entries[0]), "wb") as f:
         f.write(b"not an executable")
     second = start(cache)
-    assert (second["compiled"], second["loaded"]) == (1, first["compiled"] - 1)
-    assert second["out"] == first["out"] == reference["out"]
+    assert (second["compiled"], second["loaded"]) == (1, programs - 1)
+    assert second["out"] == first["out"] == upgraded["out"] == reference["out"]
 
 
 def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
