@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from jaxgen import programs  # noqa: E402
 from jaxgen.models import lora as lora_lib  # noqa: E402
 from jaxgen.models.family import family_for  # noqa: E402
+from jaxgen.models.sharding import layout_for  # noqa: E402
 from jaxgen.sampling import full_bitmask  # noqa: E402
 
 
@@ -52,16 +53,16 @@ def random_adapter(cfg, rank: int, seed: int) -> lora_lib.LoraAdapter:
 
 def step_ms(params, cfg, lora, slots: int, rows: int, kv_len: int, iters: int) -> float:
     """Median ms of the engine's jitted decode step over the first `rows` of `slots` slots."""
-    family = family_for(cfg)
-    state = programs.init_decode_state(family, cfg, slots, kv_len, jax.tree.leaves(params)[0].dtype)
+    family, layout = family_for(cfg), layout_for(cfg)
+    state = programs.init_decode_state(family, cfg, slots, kv_len, jax.tree.leaves(params)[0].dtype, layout)
     n = lora_lib.num_adapters(lora)
     state = state.replace(adapters=jnp.asarray(np.arange(slots) % (n + 1), jnp.int32))
     bitmask, eos = jnp.asarray(full_bitmask(slots, cfg.vocab_size)), jnp.zeros(cfg.vocab_size, bool)
     times = []
     for i in range(iters + 1):
         t0 = time.perf_counter()
-        state, out = programs.decode_step(params, state, bitmask, eos, lora, family=family, cfg=cfg, kv_len=kv_len,
-                                          rows=rows)
+        state, out = programs.decode_step(params, state, None, bitmask, eos, lora, family=family, cfg=cfg,
+                                          kv_len=kv_len, rows=rows, layout=layout)
         jax.block_until_ready(out)
         if i:
             times.append(time.perf_counter() - t0)

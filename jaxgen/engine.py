@@ -455,8 +455,10 @@ class Engine:
             return self._lower_span(key)
         if key[0] == "decode":
             _, rows, kv_len = key
-            return programs.decode_step.lower(self.params, self.state_shapes, self.bitmask, self.eos_mask, self.lora,
-                                              family=self.family, cfg=self.cfg, kv_len=kv_len, rows=rows,
+            slots = (jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.layout.replicated)
+                     if self._gathers_rows() else None)
+            return programs.decode_step.lower(self.params, self.state_shapes, slots, self.bitmask, self.eos_mask,
+                                              self.lora, family=self.family, cfg=self.cfg, kv_len=kv_len, rows=rows,
                                               layout=self.layout)
         _, batch, kv_len, score = key
         tokens = jax.ShapeDtypeStruct((batch, self.config.chunk), jnp.int32, sharding=self.layout.replicated)
@@ -547,8 +549,8 @@ class Engine:
         """Device step `op` on host inputs (numpy arrays and numbers): the leader's `_step`, a follower's replay.
 
         prefill (key, tokens, positions, slots, last, targets, adapters) -> scores; span (key, tokens, positions,
-        slots, last, adapters); decode (key, bitmask rows or
-        None for all allowed) -> packed outputs; start (row in the last prefill call, slot, position, sampling
+        slots, last, adapters); decode (key, the slots run or None for the first rows, bitmask rows or None for
+        all allowed) -> packed outputs; start (row in the last prefill call, slot, position, sampling
         row, adapter); copy (src, dst); release (slot); reset (); idle ()."""
         return getattr(self, f"_apply_{op}")(*args)
 
@@ -571,10 +573,13 @@ class Engine:
         else:
             self.span_hidden, self.prefill_logits = None, out
 
-    def _apply_decode(self, key, bitmask_rows):
-        """One decode step with program `key` -> packed outputs (`unpack_output`)."""
+    def _apply_decode(self, key, slots, bitmask_rows):
+        """One decode step with program `key` over `slots` (None: the first rows) -> packed outputs
+        (`unpack_output`), row i for slots[i]."""
         bitmask = self.bitmask if bitmask_rows is None else self._put(bitmask_rows)
-        self.state, packed = self.programs.get(key)(self.params, self.state, bitmask, self.eos_mask, self.lora)
+        slots = None if slots is None else self._put(slots)
+        self.state, packed = self.programs.get(key)(self.params, self.state, slots, bitmask, self.eos_mask,
+                                                    self.lora)
         return packed
 
     def _apply_start(self, index, slot, position, row, adapter):
@@ -935,15 +940,31 @@ class Engine:
 
     # ---- decode
 
+    def _gathers_rows(self) -> bool:
+        """Whether a decode step runs the live slots gathered into the fewest rows (`decode_step`'s `slots`): where
+        the slots are not split over devices (`programs.reads_own_blocks`); else it runs the first rows."""
+        return programs.reads_own_blocks(self.layout)
+
+    def _decode_slots(self, rows: int) -> np.ndarray | None:
+        """The slots a decode step of `rows` rows runs: the live ones in order, then the lowest idle ones
+        (distinct) as padding; None where the step runs the first rows."""
+        if not self._gathers_rows():
+            return None
+        live = [i for i, c in enumerate(self.choices) if c is not None]
+        idle = [i for i, c in enumerate(self.choices) if c is None][:rows - len(live)]
+        return np.asarray(live + idle, np.int32)
+
     def _decode_key(self) -> tuple:
-        """The decode program the live slots run next: rows past the highest busy slot, the window past the
-        furthest position (a larger ready one while that compiles)."""
+        """The decode program the live slots run next: the fewest rows that hold them (gathered, or where the
+        step runs the first rows, past the highest busy slot), the window past the furthest position (a larger
+        ready one while that compiles)."""
         active = [c for c in self.choices if c is not None]
         needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
         windows = self.decode_windows()
         kv_len = next(k for k in windows if k >= needed)
         buckets = row_buckets(self.config.num_slots)
-        rows = next(b for b in buckets if b > max(c.slot for c in active))
+        held = len(active) if self._gathers_rows() else max(c.slot for c in active) + 1
+        rows = next(b for b in buckets if b >= held)
         fallbacks = [("decode", r, k) for r in buckets for k in windows if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
         return self._program(("decode", rows, kv_len), fallbacks)
@@ -955,20 +976,21 @@ class Engine:
         is a program not timed yet."""
         if not programs.reads_own_blocks(self.layout):
             return key
-        active = [c for c in self.choices[:key[1]] if c is not None]
+        active = [c for c in self.choices if c is not None]
         blocks = sum(c.position // ROW_BLOCK + 1 for c in active) + key[1] - len(active)  # idle rows: one block
         return (*key, round(2 * math.log2(blocks)))
 
     def _dispatch(self):
-        """Launch one decode step over the live slots; returns (packed outputs, who occupied each slot, the
-        step's `_clock_key`)."""
+        """Launch one decode step over the live slots; returns (packed outputs, who occupied each of its rows,
+        the step's `_clock_key`)."""
         key = self._decode_key()
         clock_key = self._clock_key(key)
-        packed = self._step("decode", key, self.bitmask_rows if self._constrained() else None)
+        slots = self._decode_slots(key[1])
+        packed = self._step("decode", key, slots, self.bitmask_rows if self._constrained() else None)
         for c in self.choices:
             if c is not None:
                 c.position += 1
-        return packed, self.choices[:key[1]], clock_key
+        return packed, [self.choices[s] for s in (range(key[1]) if slots is None else slots)], clock_key
 
     def _read_back(self, packed, occupants: list[Choice | None], decode: tuple, prefilled: tuple[float, int]):
         """Process a dispatched turn (`_dispatch`'s outputs and `_prefill`'s) and tell the clock what it ran."""
@@ -979,11 +1001,11 @@ class Engine:
         """Read one step's tokens back (one copy) and advance every choice that was live when it ran; a host-side
         failure in one choice fails its request alone."""
         tokens, logprobs, top_ids, top_lps = unpack_output(self._device(np.asarray, packed))
-        for slot, choice in enumerate(occupants):
-            if choice is None or choice.finished or self.choices[slot] is not choice:
+        for row, choice in enumerate(occupants):
+            if choice is None or choice.finished or self.choices[choice.slot] is not choice:
                 continue
             params = choice.request.params
-            info = token_info(tokens[slot], logprobs[slot], top_ids[slot], top_lps[slot],
+            info = token_info(tokens[row], logprobs[row], top_ids[row], top_lps[row],
                               params.top_logprobs if params.logprobs else 0)
             try:
                 update = self._advance(choice, info)
@@ -1054,7 +1076,7 @@ def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
 
 
 def unpack_output(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Host inverse of `programs.pack_output`: tokens [S], logprobs [S], top_ids [S, K], top_logprobs [S, K]."""
+    """Host inverse of `programs.pack_output`: tokens [R], logprobs [R], top_ids [R, K], top_logprobs [R, K]."""
     k = (packed.shape[1] - 2) // 2
     floats = packed.view(np.float32)
     return packed[:, 0], floats[:, 1], packed[:, 2:2 + k], floats[:, 2 + k:]
@@ -1064,7 +1086,8 @@ def row_buckets(num_slots: int) -> list[int]:
     """Batch sizes the decode step is compiled for: 1, then powers of two from 8 below `num_slots`, then
     `num_slots`.
 
-    New requests take the lowest free slots, so a lightly loaded engine runs a small step. A lone row runs
+    A step runs the bucket that holds its live slots (gathered, `Engine._decode_slots`), so a lightly loaded
+    engine runs a small step. A lone row runs
     as one (XLA CPU's matrix-vector path: 28 ms against 65 at 8 rows); 2 to 8 rows run as 8, since XLA CPU's
     dot rounds differently below 8 rows, and one rounding class for every batch of 8 or more makes a
     request's tokens the same bits whatever shares its batch.

@@ -3,7 +3,7 @@
 `prefill_chunks` runs prompt chunks [B, C] into their slots' cache rows (several requests, or several
 chunks of one prompt, in one call); `prefill_span` runs a few of their layers, so a chunk can be spread over
 several engine turns; `start_choice` makes a prefilled slot live (first logits, sampling
-row, position, adapter); `decode_step` samples one token for the first `rows` slots from the logits each
+row, position, adapter); `decode_step` samples one token for the live slots from the logits each
 holds and runs the model on those tokens. Both model calls are the family's one `forward`, so a slot's
 first generated token and every later one take the same path.
 
@@ -78,35 +78,39 @@ def pack_output(out) -> jax.Array:
                             out.top_ids, as_i32(out.top_logprobs)], axis=1)
 
 
-def head_rows(tree, rows: int):
-    """The first `rows` rows of every array in `tree`."""
-    return jax.tree.map(lambda x: x[:rows], tree)
+def take_rows(tree, slots: jax.Array | None, rows: int):
+    """Rows `slots` [rows] of every array in `tree` (None: the first `rows`)."""
+    return jax.tree.map(lambda x: x[:rows] if slots is None else x[slots], tree)
 
 
-def put_head_rows(tree, head, rows: int):
-    """`tree` with its first `rows` rows replaced by `head` (in place when donated)."""
-    return jax.tree.map(lambda x, h: x.at[:rows].set(h), tree, head)
+def put_rows(tree, new, slots: jax.Array | None, rows: int):
+    """`tree` with rows `slots` (None: the first `rows`) replaced by `new` (in place when donated)."""
+    return jax.tree.map(lambda x, h: x.at[:rows].set(h) if slots is None else x.at[slots].set(h), tree, new)
 
 
 @functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "rows", "layout"), donate_argnames=("state",))
-def decode_step(params, state: DecodeState, bitmask, eos_mask, lora=None, *, family: Family, cfg, kv_len: int,
+def decode_step(params, state: DecodeState, slots, bitmask, eos_mask, lora=None, *, family: Family, cfg, kv_len: int,
                 rows: int, layout: Layout):
-    """Sample the next token of the first `rows` slots, then run the model on them: -> (state', packed [rows]).
+    """Sample the next token of slots `slots` i32[rows] from the logits each holds, then run the model on them:
+    -> (state', packed [rows], row i for slot slots[i]).
 
-    `rows` is a static bucket >= the highest busy slot + 1, so idle slots above it cost nothing. With
-    `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`. Rows attend only their
-    own cache blocks where `reads_own_blocks(layout)`; `kv_len` then only bounds the idle rows.
+    `slots` lists the live slots, then idle ones as padding (distinct: an idle slot writes its spare column),
+    so a step costs its bucket of live rows wherever they sit; None runs the first `rows` slots (meshes whose
+    `data` axis splits the slots, where gathering rows would move them between devices). With `lora` (stacked
+    adapters), each slot runs with its adapter `state.adapters[slot]`. Rows attend only their own cache blocks
+    where `reads_own_blocks(layout)`; `kv_len` then only bounds the idle rows.
     """
-    out, sampler = sample(state.logits[:rows], head_rows(state.sampler, rows), bitmask[:rows], eos_mask)
-    adapters = None if lora is None else state.adapters[:rows]
-    positions = state.positions[:rows]
+    out, sampler = sample(take_rows(state.logits, slots, rows), take_rows(state.sampler, slots, rows),
+                          take_rows(bitmask, slots, rows), eos_mask)
+    adapters = None if lora is None else take_rows(state.adapters, slots, rows)
+    positions = take_rows(state.positions, slots, rows)
     hidden, cache = family.forward(params, cfg, state.cache, out.tokens[:, None], positions[:, None], kv_len,
-                                   None, lora, adapters, row_blocks=reads_own_blocks(layout))
+                                   slots, lora, adapters, row_blocks=reads_own_blocks(layout))
     logits = family.lm_logits(params, cfg, hidden[:, 0])
     last = spare_position(state)  # finished rows may step past their end: they write the spare column
-    new = state.replace(cache=cache, sampler=put_head_rows(state.sampler, sampler, rows),
-                        logits=state.logits.at[:rows].set(logits),
-                        positions=state.positions.at[:rows].set(jnp.minimum(positions + 1, last)))
+    new = state.replace(cache=cache, sampler=put_rows(state.sampler, sampler, slots, rows),
+                        logits=put_rows(state.logits, logits, slots, rows),
+                        positions=put_rows(state.positions, jnp.minimum(positions + 1, last), slots, rows))
     return constrain(new, layout), whole_rows(pack_output(out), layout)
 
 

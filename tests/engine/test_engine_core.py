@@ -517,6 +517,32 @@ def test_a_decode_program_not_timed_yet_runs_one_turn_alone(tiny_llm):
     assert sum(tokens for known, tokens in turns if known) >= len(long)
 
 
+def test_a_decode_step_runs_the_live_slots_in_the_fewest_rows(tiny_llm):
+    """Once the two requests in slots 0 and 1 have finished, the stream left in slot 2 decodes as one row
+    (`decode_step` gathers slot 2), not in the 8 rows that reach its slot; its tokens are those it decodes
+    alone, and its log-probs agree to rounding (the 8-row steps it shared round differently)."""
+    prompt, params = [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=True)
+    with tiny_engine_llm(tiny_llm) as llm:
+        alone = record(llm.engine.submit(prompt, params))
+    with tiny_engine_llm(tiny_llm) as llm:
+        engine, steps = llm.engine, []
+        step = engine._step
+
+        def recording_steps(op, *args):
+            if op == "decode":
+                steps.append((args[0][1], None if args[1] is None else args[1].tolist()))
+            return step(op, *args)
+        engine._step = recording_steps
+        short = [engine.submit([9 + i, 10, 11], SamplingParams(max_tokens=2, ignore_eos=True)) for i in range(2)]
+        stream = engine.submit(prompt, params)
+        for handle in short:
+            record(handle)
+        shared = record(stream)
+    assert steps[0] == (8, [0, 1, 2, 3, 4, 5, 6, 7])  # three live, padded with the idle slots
+    assert steps[-1] == (1, [2]) and steps.count((1, [2])) >= 20
+    assert_same(shared, alone, atol=1e-5)
+
+
 def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):
     """Decode rows read only their own cache blocks, so a stream's step grows as it does: the clock keys one
     decode program by the blocks its rows read too (steps of sqrt(2)), and a longer stream's step is a
