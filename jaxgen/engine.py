@@ -401,7 +401,7 @@ class Engine:
 
     def slot_step_keys(self) -> list[tuple]:
         """The small programs around the model calls: ("start", chunks) starts a choice from a prefill call's
-        logits [chunks, V], ("copy",) copies a cache row, ("release",) idles a slot."""
+        logits [chunks, V], ("copy",) copies the prefix of a cache row, ("release",) idles a slot."""
         return [("start", b) for b in self.prefill_row_buckets()] + [("copy",), ("release",)]
 
     def prefill_windows(self, score: bool) -> list[int]:
@@ -487,7 +487,7 @@ class Engine:
             return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=self.layout.replicated)
         slot = like(np.int32(0))
         if key[0] == "copy":
-            return programs.copy_slot.lower(self.state_shapes, slot, slot, layout=self.layout)
+            return programs.copy_slot.lower(self.state_shapes, slot, slot, slot, layout=self.layout)
         if key[0] == "release":
             return programs.release_slot.lower(self.state_shapes, slot, layout=self.layout)
         logits = like(np.zeros((key[1], self.cfg.vocab_size), np.float32))
@@ -551,7 +551,7 @@ class Engine:
         prefill (key, tokens, positions, slots, last, targets, adapters) -> scores; span (key, tokens, positions,
         slots, last, adapters); decode (key, the slots run or None for the first rows, bitmask rows or None for
         all allowed) -> packed outputs; start (row in the last prefill call, slot, position, sampling
-        row, adapter); copy (src, dst); release (slot); reset (); idle ()."""
+        row, adapter); copy (src, dst, positions); release (slot); reset (); idle ()."""
         return getattr(self, f"_apply_{op}")(*args)
 
     def _apply_prefill(self, key, tokens, positions, slots, last, targets, adapters):
@@ -588,9 +588,10 @@ class Engine:
         self.state = start(self.state, self.prefill_logits, *self._put(
             (np.int32(index), np.int32(slot), np.int32(position), row, np.int32(adapter))))
 
-    def _apply_copy(self, src, dst):
-        """Copy cache row `src` into row `dst`."""
-        self.state = self.programs.get(("copy",))(self.state, *self._put((np.int32(src), np.int32(dst))))
+    def _apply_copy(self, src, dst, length):
+        """Copy the first `length` positions of cache row `src` into row `dst`."""
+        self.state = self.programs.get(("copy",))(self.state, *self._put((np.int32(src), np.int32(dst),
+                                                                          np.int32(length))))
 
     def _apply_release(self, slot):
         """Return `slot` to idle."""
@@ -739,7 +740,7 @@ class Engine:
         if self.prefix.enabled and not (match.length and match.source == slot):
             self._keep_recent_prefix(slot, [s for s in free if s not in (slot, match.source)])
         if match.length and match.source != slot:
-            self._step("copy", match.source, slot)
+            self._step("copy", match.source, slot, match.length)
         others = sorted(s for s in free if s != slot)[:request.params.n - 1]
         choice_slots = [slot, *others] if request.params.max_tokens > 0 else []
         request.slots = [slot, *others] if choice_slots else [slot]
@@ -759,7 +760,7 @@ class Engine:
             return
         oldest = self.prefix.victim(spare)
         if self.prefix.slots[oldest].last_used < self.prefix.slots[slot].last_used:
-            self._step("copy", slot, oldest)
+            self._step("copy", slot, oldest, self.prefix.slots[slot].valid)
             self.prefix.move(slot, oldest)
 
     def _prefill(self) -> tuple[float, int]:
@@ -913,7 +914,7 @@ class Engine:
             return
         for index, slot in enumerate(p.choice_slots):
             if slot != p.slot:
-                self._step("copy", p.slot, slot)
+                self._step("copy", p.slot, slot, len(p.ids))
                 self.prefix.forget(slot)
             key = row_key(params.seed, index, self.key_data, request.handle.request_id)
             row = make_row(params, p.ids.tolist(), key, self.cfg.vocab_size)

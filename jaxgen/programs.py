@@ -22,6 +22,7 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jaxgen.models.family import Family
+from jaxgen.models.layers import copy_prefix
 from jaxgen.models.sharding import Layout, state_shardings
 from jaxgen.sampling import TOP_LOGPROBS, SlotState, clear_slot, init_state, sample, token_logprobs, write_slot
 
@@ -178,10 +179,11 @@ def start_choice(state: DecodeState, logits, index, slot, position, row, adapter
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("state",))
-def copy_slot(state: DecodeState, src, dst, *, layout: Layout) -> DecodeState:
-    """Copy cache row `src` into row `dst` (whole rows: what lies past the prefix is overwritten before any
-    query reads it): prefix reuse from a busy slot, and the n choices of one prompt."""
-    return constrain(state.replace(cache=jax.tree.map(lambda c: c.at[dst].set(c[src]), state.cache)), layout)
+def copy_slot(state: DecodeState, src, dst, length, *, layout: Layout) -> DecodeState:
+    """Copy the first `length` positions of cache row `src` into row `dst` (what lies past them is written
+    before any query reads it): prefix reuse from a busy slot, a prefix moved out of a slot being reused, and
+    the n choices of one prompt."""
+    return constrain(state.replace(cache=copy_prefix(state.cache, src, dst, length)), layout)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("state",))

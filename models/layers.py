@@ -254,6 +254,25 @@ def init_cache(cfg: ModelConfig, num_slots: int, max_len: int, dtype) -> Cache:
             "v": [jnp.zeros((num_slots, kvh, positions, dh), dtype) for _ in range(cfg.num_layers)]}
 
 
+def copy_prefix(cache: Cache, src: jax.Array, dst: jax.Array, length: jax.Array) -> Cache:
+    """Cache row `src`'s positions [0, length) copied into row `dst`, ROW_BLOCK positions at a time (the last
+    block may reach back over the one before, or past `length`): a copy costs the prefix it moves, not the whole
+    row (94 MB for the default model at 2,048 positions, 60-90 ms)."""
+    def copy(x: jax.Array, axis: int) -> jax.Array:
+        width = x.shape[axis]
+        block = min(ROW_BLOCK, width)
+        sizes = tuple(1 if a == 0 else block if a == axis else n for a, n in enumerate(x.shape))
+
+        def at(row, start):
+            return tuple(row if a == 0 else start if a == axis else 0 for a in range(x.ndim))
+
+        def step(j, x):
+            start = jnp.minimum(j * block, width - block)
+            return jax.lax.dynamic_update_slice(x, jax.lax.dynamic_slice(x, at(src, start), sizes), at(dst, start))
+        return jax.lax.fori_loop(0, (length + block - 1) // block, step, x)
+    return {"k": [copy(x, 3) for x in cache["k"]], "v": [copy(x, 2) for x in cache["v"]]}
+
+
 def insert(cache: Cache, kv: Cache, row: int, slot: jax.Array) -> Cache:
     """Copy row `row` of a prefill cache kv (its T positions) into cache slot `slot` at positions [0, T)."""
     return {"k": [jax.lax.dynamic_update_slice(d, s[row:row + 1, :, :, :-1].astype(d.dtype), (slot, 0, 0, 0))

@@ -73,3 +73,23 @@ def test_grouped_heads_follow_their_kv_head():
     k_t, v = layers.read_window(k_cache, v_cache, None, 2, 300)
     want = layers.attend(cfg, q, k_t, v, positions, None)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length, max_len", [(0, 700), (1, 700), (300, 700), (512, 700), (700, 700), (40, 100)])
+def test_copy_prefix_copies_whole_blocks_of_the_prefix_and_nothing_else(length, max_len):
+    """`layers.copy_prefix` gives row 3 row 1's positions [0, length), rounded up to whole ROW_BLOCK blocks (the
+    last one reaching back inside the cache), and changes no other row or position."""
+    rng = np.random.default_rng(length)
+    k, v = random_cache(rng, 4, max_len)
+    out = layers.copy_prefix({"k": [k], "v": [v]}, jnp.int32(1), jnp.int32(3), jnp.int32(length))
+    width, block = max_len + 1, min(layers.ROW_BLOCK, max_len + 1)
+    blocks = -(-length // block)
+    copied = np.zeros(width, bool)
+    for j in range(blocks):
+        start = min(j * block, width - block)
+        copied[start:start + block] = True
+    assert copied[:length].all()
+    want_k, want_v = np.array(k), np.array(v)
+    want_k[3][..., copied], want_v[3][:, copied] = want_k[1][..., copied], want_v[1][:, copied]
+    np.testing.assert_array_equal(np.asarray(out["k"][0]), want_k)
+    np.testing.assert_array_equal(np.asarray(out["v"][0]), want_v)
