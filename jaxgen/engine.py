@@ -485,9 +485,9 @@ class Engine:
         """The `jax.stages.Lowered` of a slot step (`slot_step_keys`); every input is a replicated host value."""
         def like(x):
             return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=self.layout.replicated)
-        slot = like(np.int32(0))
+        slot = length = like(np.int32(0))
         if key[0] == "copy":
-            return programs.copy_slot.lower(self.state_shapes, slot, slot, slot, layout=self.layout)
+            return programs.copy_slot.lower(self.state_shapes, slot, slot, length, layout=self.layout)
         if key[0] == "release":
             return programs.release_slot.lower(self.state_shapes, slot, layout=self.layout)
         logits = like(np.zeros((key[1], self.cfg.vocab_size), np.float32))

@@ -446,16 +446,16 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
 
     reference = start(None)  # fills JAX's cache with every program
     upgraded = start(cache)
-    programs = upgraded["compiled"]
-    assert programs > 0 and upgraded["loaded"] == 0 and not os.path.exists(cache)
+    count = upgraded["compiled"]
+    assert count > 0 and upgraded["loaded"] == 0 and not os.path.exists(cache)
     shutil.rmtree(tmp_path / "xla")
     first = start(cache)
-    assert (first["compiled"], first["loaded"]) == (programs, 0) and len(os.listdir(cache)) == programs
+    assert (first["compiled"], first["loaded"]) == (count, 0) and len(os.listdir(cache)) == count
     entries = sorted(os.listdir(cache))
     with open(os.path.join(cache, entries[0]), "wb") as f:
         f.write(b"not an executable")
     second = start(cache)
-    assert (second["compiled"], second["loaded"]) == (1, programs - 1)
+    assert (second["compiled"], second["loaded"]) == (1, count - 1)
     assert second["out"] == first["out"] == upgraded["out"] == reference["out"]
 
 
