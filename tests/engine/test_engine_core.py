@@ -419,14 +419,17 @@ with jaxgen.load(sys.argv[1], dtype=jnp.float32, engine_config=config) as llm:
     programs = llm.engine.programs
     out = [[t.token_id for e in llm.engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=6))
             if hasattr(e, "tokens") for t in e.tokens] for ids in ([5, 6, 7], list(range(3, 90)))]
-    print(json.dumps({"compiled": programs.compiled_count, "loaded": programs.loaded_count, "out": out}))
+    print(json.dumps({"compiled": programs.compiled_count, "loaded": programs.loaded_count,
+                      "preloaded": programs.preloaded_count, "covering": len(llm.engine._covering_program_keys()),
+                      "out": out}))
 """
 
 
 def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
     """A fresh process with the same executable cache loads every program instead of compiling it
-    (bench/startup.py measures the start-up that saves) and gives the same tokens; a damaged entry is
-    rebuilt, not fatal. JAX's persistent cache is on: after an upgrade (the executables gone, JAX's cache
+    (bench/startup.py measures the start-up that saves) and gives the same tokens, the covering programs read
+    ahead of the model's load (`compiled.preload`) from the list the last start like it left; a damaged entry
+    is rebuilt, not fatal. JAX's persistent cache is on: after an upgrade (the executables gone, JAX's cache
     still holding every program) the programs JAX supplies are not stored, since such an executable would
     not run in a later process, and what is stored still runs."""
     import dataclasses
@@ -447,16 +450,20 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
     reference = start(None)  # fills JAX's cache with every program
     upgraded = start(cache)
     count = upgraded["compiled"]
-    assert count > 0 and upgraded["loaded"] == 0 and not os.path.exists(cache)
+    def executables():
+        return sorted(name for name in os.listdir(cache) if name.endswith(".xla")) if os.path.isdir(cache) else []
+
+    assert count > 0 and upgraded["loaded"] == 0 and executables() == []
     shutil.rmtree(tmp_path / "xla")
     first = start(cache)
-    assert (first["compiled"], first["loaded"]) == (count, 0) and len(os.listdir(cache)) == count
-    entries = sorted(os.listdir(cache))
-    with open(os.path.join(cache, entries[0]), "wb") as f:
+    assert (first["compiled"], first["loaded"], first["preloaded"]) == (count, 0, 0) and len(executables()) == count
+    again = start(cache)
+    assert (again["compiled"], again["loaded"], again["preloaded"]) == (0, count, again["covering"])
+    with open(os.path.join(cache, executables()[0]), "wb") as f:
         f.write(b"not an executable")
     second = start(cache)
     assert (second["compiled"], second["loaded"]) == (1, count - 1)
-    assert second["out"] == first["out"] == upgraded["out"] == reference["out"]
+    assert second["out"] == again["out"] == first["out"] == upgraded["out"] == reference["out"]
 
 
 def test_turn_clock_caps_prefill_to_the_allowed_slowdown():
