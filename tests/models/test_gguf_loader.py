@@ -120,8 +120,9 @@ def test_default_model_config():
 
 
 def test_plain_view_reader_reads_what_gguf_reads():
-    """The faster reader gives the stock `gguf.GGUFReader`'s fields (tokenizer arrays included) and tensors, on
-    the bundled model (F32, Q8_0 and Q4_1 tensors, a 49,152-token vocabulary with its merges)."""
+    """The faster reader gives the stock `gguf.GGUFReader`'s fields (tokenizer arrays included: their parts, data
+    indices and offsets too) and tensors, on the bundled model (F32, Q8_0 and Q4_1 tensors, a 49,152-token
+    vocabulary with its merges)."""
     import gguf
 
     from jaxgen.models.gguf_loader import PlainViewReader
@@ -130,8 +131,10 @@ def test_plain_view_reader_reads_what_gguf_reads():
     ours, stock = PlainViewReader(default_model_path()), gguf.GGUFReader(default_model_path())
     assert list(ours.fields) == list(stock.fields) and len(ours.fields) > 30
     for key, f in stock.fields.items():
-        assert ours.fields[key].contents() == f.contents(), key
-        assert ours.fields[key].types == f.types, key
+        mine = ours.fields[key]
+        assert mine.contents() == f.contents(), key
+        assert (mine.types, mine.data, mine.offset) == (f.types, f.data, f.offset), key
+        assert [(p.dtype, p.tobytes()) for p in mine.parts] == [(p.dtype, p.tobytes()) for p in f.parts], key
     assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == \
         [(t.name, t.tensor_type, list(t.shape)) for t in stock.tensors]
     for a, b in zip(ours.tensors, stock.tensors):
