@@ -450,6 +450,7 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
     reference = start(None)  # fills JAX's cache with every program
     upgraded = start(cache)
     count = upgraded["compiled"]
+
     def executables():
         return sorted(name for name in os.listdir(cache) if name.endswith(".xla")) if os.path.isdir(cache) else []
 
@@ -459,6 +460,7 @@ def test_executables_load_from_disk(make_tiny_hf_model, tmp_path):
     assert (first["compiled"], first["loaded"], first["preloaded"]) == (count, 0, 0) and len(executables()) == count
     again = start(cache)
     assert (again["compiled"], again["loaded"], again["preloaded"]) == (0, count, again["covering"])
+    assert 0 < again["covering"] < count
     with open(os.path.join(cache, executables()[0]), "wb") as f:
         f.write(b"not an executable")
     second = start(cache)
