@@ -65,8 +65,6 @@ def source_fingerprint() -> str:
 
 def read_executable(path: str) -> Callable | None:
     """The executable serialized at `path`, or None (absent, damaged or foreign: rebuilt, never fatal)."""
-    if not os.path.isfile(path):
-        return None
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
@@ -179,8 +177,11 @@ class ProgramTable:
             self.ready.clear()
 
     def remember_first(self, keys: Sequence[Hashable], start: str) -> None:
-        """List `keys`' digests for the next start described by `start` to read ahead (`preload`); a failure to
-        write only costs that start the overlap."""
+        """List `keys`' digests, the programs just made ready first, for the next start described by `start` to
+        read ahead (`preload`; a failure to write only costs that start the overlap). What this start read ahead
+        and did not take is dropped: a stale list's executables are not held for the process's life."""
+        with _BUILT_LOCK:
+            _PRELOADED.clear()
         if self.cache_dir is not None:
             write_atomically(first_programs_file(self.cache_dir, start),
                              json.dumps([self._digest(k) for k in keys]).encode())

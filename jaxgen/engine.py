@@ -314,7 +314,7 @@ class Engine:
     def warmup(self) -> None:
         """Compile (or load) every program a workload can reach, so no request ever waits for a compile."""
         self.programs.build_all(self.program_keys())
-        self._remember_first_programs()
+        self._remember_first_programs(self._covering_program_keys())
         self._warm_key_folding()
 
     def warmup_in_background(self) -> None:
@@ -325,7 +325,7 @@ class Engine:
         keys = self.program_keys()
         essential = self._covering_program_keys()
         self.programs.build_all(essential)
-        self._remember_first_programs()
+        self._remember_first_programs(essential)
         self._warm_key_folding()
         most, kv, least = self.prefill_row_buckets()[-1], self.kv_buckets()[-1], self.kv_buckets()[0]
         first = [("decode", 1, self.decode_windows()[0]), ("prefill", 1, least, False), ("prefill", most, kv, False),
@@ -509,10 +509,10 @@ class Engine:
         ready = self.programs.first_ready([wanted, *fallbacks]) if self._compiling() else None
         return wanted if ready is None else ready[0]
 
-    def _remember_first_programs(self) -> None:
+    def _remember_first_programs(self, covering: list[tuple]) -> None:
         """List the covering programs (those a warm-up makes ready first) for the next start like this one."""
         if self.start is not None:
-            self.programs.remember_first(self._covering_program_keys(), self.start)
+            self.programs.remember_first(covering, self.start)
 
     def _covering_program_keys(self) -> list[tuple]:
         """`_covering_keys` in `program_keys` order (the largest decode step first)."""

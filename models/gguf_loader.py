@@ -58,10 +58,10 @@ class PlainViewReader(gguf.GGUFReader):
         """(size, parts, data indices, types) of the value at `orig_offs`, as the stock reader gives them; an array
         of strings or numbers in native byte order is parsed in one pass, where the stock reader recurses once per
         element (the vocabulary, its merges and its scores: 150,000 elements)."""
-        item_type, count = self._array_header(orig_offs, raw_type)
-        if item_type is None:
+        header = self._flat_array_header(orig_offs, raw_type)
+        if header is None:
             return super()._get_field_parts(orig_offs, raw_type)
-        header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        item_type, count = gguf.GGUFValueType(int(header[0][0])), int(header[1][0])
         if item_type == gguf.GGUFValueType.STRING:
             items = self._string_parts(orig_offs + 12, count)
             data_idxs = list(range(3, 2 * count + 2, 2))  # each string is [length, bytes]: its bytes are the data
@@ -73,15 +73,16 @@ class PlainViewReader(gguf.GGUFReader):
         types = [gguf.GGUFValueType.ARRAY] + ([item_type] if count else [])
         return sum(int(part.nbytes) for part in parts), parts, data_idxs, types
 
-    def _array_header(self, offs: int, raw_type: int) -> tuple[gguf.GGUFValueType | None, int]:
-        """(item type, length) of a flat array at `offs` this reader parses in one pass; (None, 0) for anything
-        else (a scalar, a string, an array of arrays, a byte-swapped file)."""
+    def _flat_array_header(self, offs: int, raw_type: int) -> list[np.ndarray] | None:
+        """[item type (uint32[1]), length (uint64[1])] of an array of strings or numbers at `offs`, the arrays this
+        reader parses in one pass; None for anything else (a scalar, a string, an array of arrays, a byte-swapped
+        file)."""
         if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
-            return None, 0
-        item_type = gguf.GGUFValueType(int(self._get(offs, np.uint32)[0]))
-        if item_type != gguf.GGUFValueType.STRING and item_type not in self.gguf_scalar_to_np:
-            return None, 0
-        return item_type, int(self._get(offs + 4, np.uint64)[0])
+            return None
+        item_type = self._get(offs, np.uint32)
+        if item_type[0] != gguf.GGUFValueType.STRING and item_type[0] not in self.gguf_scalar_to_np:
+            return None
+        return [item_type, self._get(offs + 4, np.uint64)]
 
     def _string_parts(self, offs: int, count: int) -> list[np.ndarray]:
         """[length (uint64[1]), bytes (uint8[length])] views for each of `count` strings stored one after another
