@@ -3,8 +3,9 @@
 In one run, same weights (the default GGUF, float32), a warmed-up engine of 32 slots × 2048 positions:
 - a lone 1,000-token prompt: jaxgen's time to first token against HF transformers' (one forward + argmax);
 - the same request again with its 1,000-token prefix cached, against the same request cold;
-- lm-eval-style scoring: one 500-token context with four continuations, submitted together: prompt tokens
-  run against prompt tokens submitted;
+- lm-eval-style scoring: one 500-token context with four continuations submitted together, as plain scoring
+  requests and through `LLM.score` (which splits each pair's chunks at its context's last token, as
+  `jaxgen.eval` does): prompt tokens run against prompt tokens submitted;
 - the inter-token latency (p50, p99) of 8 running streams, alone and while 2,000-token prompts arrive.
 
     python bench/prefill.py [--skip-hf]
@@ -25,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jaxgen  # noqa: E402
 from jaxgen.cli import cache_root, restart_with_huge_pages  # noqa: E402
 from jaxgen.engine import EngineConfig  # noqa: E402
-from jaxgen.events import Admitted, ChoiceUpdate  # noqa: E402
+from jaxgen.events import ChoiceUpdate  # noqa: E402
 from jaxgen.sampling import SamplingParams  # noqa: E402
 
 from throughput import load_hf, machine, system_prompt  # noqa: E402
@@ -77,13 +78,26 @@ def inter_token_gaps(llm, streams: int, new_tokens: int, arrivals: list[list[int
     for t in threads:
         t.start()
     running.wait()
-    handles = [llm.engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=1)) for ids in arrivals]
-    for h in handles:
-        for _ in h:
-            pass
+    drain_all([llm.engine.submit(ids, SamplingParams(temperature=0.0, max_tokens=1)) for ids in arrivals])
     for t in threads:
         t.join()
     return gaps
+
+
+def drain_all(handles) -> None:
+    """Read every event of requests submitted together."""
+    for handle in handles:
+        for _ in handle:
+            pass
+
+
+def prompt_tokens_run(llm, work) -> tuple[int, int]:
+    """(prompt tokens prefilled, prompt tokens submitted) by the engine while `work()` runs."""
+    before = llm.engine.stats()
+    work()
+    after = llm.engine.stats()
+    return (after["prefill_tokens_total"] - before["prefill_tokens_total"],
+            after["prompt_tokens_total"] - before["prompt_tokens_total"])
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -121,19 +135,16 @@ def main() -> None:
     print(f"1,000-token prefix cached: TTFT {warm * 1e3:.0f} ms against {cold * 1e3:.0f} ms cold: "
           f"{warm / cold:.3f}x")
 
-    stats = llm.engine.stats()
     context = distinct(llm, 77, 500)
-    handles = [llm.engine.submit(context + llm.tokenizer.encode(f" answer {c}"),
-                                 SamplingParams(max_tokens=0, loglikelihood=True)) for c in "ABCD"]
-    for h in handles:
-        for event in h:
-            if isinstance(event, Admitted):
-                pass
-    after = llm.engine.stats()
-    submitted = after["prompt_tokens_total"] - stats["prompt_tokens_total"]
-    ran = after["prefill_tokens_total"] - stats["prefill_tokens_total"]
-    print(f"scoring 4 continuations of a 500-token context: {ran} prompt tokens run of {submitted} submitted "
-          f"({1 - ran / submitted:.0%} saved)")
+    continuations = [llm.tokenizer.encode(f" answer {c}") for c in "ABCD"]
+    ran, submitted = prompt_tokens_run(llm, lambda: drain_all([
+        llm.engine.submit(context + c, SamplingParams(max_tokens=0, loglikelihood=True)) for c in continuations]))
+    print(f"4 continuations of a 500-token context as plain requests: {ran} prompt tokens run of {submitted} "
+          f"submitted ({1 - ran / submitted:.0%} saved)")
+    context = distinct(llm, 78, 500)
+    ran, submitted = prompt_tokens_run(llm, lambda: llm.score([(context, c) for c in continuations]))
+    print(f"4 continuations of a 500-token context through LLM.score (lm-eval's path): {ran} prompt tokens run "
+          f"of {submitted} submitted ({1 - ran / submitted:.0%} saved; the context alone is {len(context)})")
 
     quiet = inter_token_gaps(llm, 8, 64, [])
     loaded = inter_token_gaps(llm, 8, 64, [distinct(llm, 500 + i, 2000) for i in range(3)])
