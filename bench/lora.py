@@ -61,9 +61,10 @@ def step_ms(params, cfg, lora, slots: int, rows: int, kv_len: int, iters: int) -
     times = []
     for i in range(iters + 1):
         t0 = time.perf_counter()
-        state, out = programs.decode_step(params, state, None, bitmask, eos, lora, family=family, cfg=cfg,
-                                          kv_len=kv_len, rows=rows, layout=layout)
-        jax.block_until_ready(out)
+        state, packed = programs.sample_step(state, None, bitmask, eos, rows=rows, layout=layout)
+        state = programs.decode_step(params, state, None, packed, lora, family=family, cfg=cfg, kv_len=kv_len,
+                                     rows=rows, layout=layout)
+        jax.block_until_ready(state)
         if i:
             times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)

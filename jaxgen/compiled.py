@@ -94,7 +94,7 @@ def first_programs_file(cache_dir: str, start: str) -> str:
 def preload(cache_dir: str, start: str) -> None:
     """Read, in a thread, the executables that the last start described by `start` (its model file and sizes)
     made ready first (`ProgramTable.remember_first`), while the caller loads the model: deserializing releases
-    the GIL, and on 2 CPU cores the default model's 9 covering programs (3.3 s) load beside its weights (5 s).
+    the GIL, and on 2 CPU cores the default model's covering programs (3.3 s for 9) load beside its weights (5 s).
     A stale list costs only the reading: tables take executables by digest, which names all they depend on.
     Does nothing in a process that has started building programs."""
     try:

@@ -3,10 +3,11 @@
 Each turn of the loop, on the host: admit waiting requests into free slots (each starts from the longest
 prompt prefix a slot already holds, `prefix.py`); pick up to `prefill_budget` tokens of prompt chunks, from
 several requests (or several chunks of one long prompt), for one `prefill_chunks` call; start the choices
-whose prompts are complete; dispatch one `decode_step` over the live slots; then read back the previous
-step's tokens. Dispatch is asynchronous, so step t+1 is queued before step t is read (detokenizing, stop
-strings and event delivery overlap the device's work); with a grammar-constrained choice running, the
-next mask needs the token just sampled, so the loop reads each step back before dispatching the next.
+whose prompts are complete; dispatch one `sample_step` and one `decode_step` over the live slots; then
+read back the previous step's tokens. Dispatch is asynchronous, so step t+1 is queued before step t is read
+(detokenizing, stop strings and event delivery overlap the device's work); with a grammar-constrained choice
+running, the next mask needs the token just sampled, so the loop reads each step back before dispatching the
+next.
 
 Prompts are cut into chunks at fixed positions (multiples of `chunk`, and the request's `split` if it names
 one), so a prompt's K/V never depends on what else was batched with it or on the prefix cache. While streams decode, long prompts' share of each turn is
@@ -328,10 +329,11 @@ class Engine:
         self._remember_first_programs(essential)
         self._warm_key_folding()
         most, kv, least = self.prefill_row_buckets()[-1], self.kv_buckets()[-1], self.kv_buckets()[0]
-        first = [("decode", 1, self.decode_windows()[0]), ("prefill", 1, least, False), ("prefill", most, kv, False),
-                 ("prefill", most, kv, True)]
+        first = [("sample", 1), ("decode", 1, self.decode_windows()[0]), ("prefill", 1, least, False),
+                 ("prefill", most, kv, False), ("prefill", most, kv, True)]
         first = [k for k in dict.fromkeys(first) if k in keys and k not in essential]
-        rest = sorted((k for k in keys if k not in essential and k not in first), key=lambda k: (k[0], k[2], k[1]))
+        rest = sorted((k for k in keys if k not in essential and k not in first),  # the small samplers first
+                      key=lambda k: (k[0] != "sample", k[0], k[2] if len(k) > 2 else 0, k[1]))
         self.programs.build_in_background(first + rest, self._on_compile_error)
 
     def close(self) -> None:
@@ -387,9 +389,11 @@ class Engine:
         return self.kv_buckets()[-1:] if programs.reads_own_blocks(self.layout) else self.kv_buckets()
 
     def program_keys(self) -> list[tuple]:
-        """Every program shape: ("decode", rows, kv_len), ("prefill", chunks, kv_len, score), ("span", index,
-        kv_len) (one layer span of a chunk, `layer_span_bounds`) and the slot steps (`slot_step_keys`)."""
-        decode = [("decode", r, k) for r in row_buckets(self.config.num_slots) for k in self.decode_windows()]
+        """Every program shape: ("sample", rows) and ("decode", rows, kv_len) (a decode step's two programs),
+        ("prefill", chunks, kv_len, score), ("span", index, kv_len) (one layer span of a chunk,
+        `layer_span_bounds`) and the slot steps (`slot_step_keys`)."""
+        buckets = row_buckets(self.config.num_slots)
+        decode = [("sample", r) for r in buckets] + [("decode", r, k) for r in buckets for k in self.decode_windows()]
         prefill = [("prefill", b, k, score) for score in (False, True) for b in self.prefill_row_buckets()
                    for k in self.prefill_windows(score)]
         spans = [("span", i, k) for k in self.prefill_windows(False) for i in range(len(self.layer_span_bounds()))]
@@ -424,10 +428,11 @@ class Engine:
         return [b for b in PREFILL_ROW_BUCKETS if least <= b <= most] or [most]
 
     def _covering_keys(self) -> set[tuple]:
-        """The programs that can run any workload on their own (the largest decode; one-chunk prefills at the
-        largest window; the slot steps)."""
+        """The programs that can run any workload on their own (the largest decode step, sampler and model; one-chunk
+        prefills at the largest window; the slot steps)."""
         kv = self.kv_buckets()[-1]
-        return {("decode", self.config.num_slots, kv), ("prefill", 1, kv, False), ("prefill", 1, kv, True),
+        return {("sample", self.config.num_slots), ("decode", self.config.num_slots, kv), ("prefill", 1, kv, False),
+                ("prefill", 1, kv, True),
                 *self.slot_step_keys()}
 
     def _prefill_rows_ready(self) -> int:
@@ -458,13 +463,16 @@ class Engine:
             return self._lower_slot_step(key)
         if key[0] == "span":
             return self._lower_span(key)
-        if key[0] == "decode":
-            _, rows, kv_len = key
+        if key[0] in ("sample", "decode"):
+            rows = key[1]
             slots = (jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.layout.replicated)
                      if self._gathers_rows() else None)
-            return programs.decode_step.lower(self.params, self.state_shapes, slots, self.bitmask, self.eos_mask,
-                                              self.lora, family=self.family, cfg=self.cfg, kv_len=kv_len, rows=rows,
-                                              layout=self.layout)
+            if key[0] == "sample":
+                return programs.sample_step.lower(self.state_shapes, slots, self.bitmask, self.eos_mask, rows=rows,
+                                                  layout=self.layout)
+            return programs.decode_step.lower(self.params, self.state_shapes, slots,
+                                              programs.packed_shape(rows, self.layout), self.lora, family=self.family,
+                                              cfg=self.cfg, kv_len=key[2], rows=rows, layout=self.layout)
         _, batch, kv_len, score = key
         tokens = jax.ShapeDtypeStruct((batch, self.config.chunk), jnp.int32, sharding=self.layout.replicated)
         rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=self.layout.replicated)
@@ -515,7 +523,7 @@ class Engine:
             self.programs.remember_first(covering, self.start)
 
     def _covering_program_keys(self) -> list[tuple]:
-        """`_covering_keys` in `program_keys` order (the largest decode step first)."""
+        """`_covering_keys` in `program_keys` order (the largest decode step's sampler and model first)."""
         covering = self._covering_keys()
         return [k for k in self.program_keys() if k in covering]
 
@@ -589,12 +597,12 @@ class Engine:
             self.span_hidden, self.prefill_logits = None, out
 
     def _apply_decode(self, key, slots, bitmask_rows):
-        """One decode step with program `key` over `slots` (None: the first rows) -> packed outputs
-        (`unpack_output`), row i for slots[i]."""
+        """One decode step, model program `key` after the sampler of its rows, over `slots` (None: the first rows)
+        -> the sampler's packed outputs (`unpack_output`), row i for slots[i], readable before the model is done."""
         bitmask = self.bitmask if bitmask_rows is None else self._put(bitmask_rows)
         slots = None if slots is None else self._put(slots)
-        self.state, packed = self.programs.get(key)(self.params, self.state, slots, bitmask, self.eos_mask,
-                                                    self.lora)
+        self.state, packed = self.programs.get(("sample", key[1]))(self.state, slots, bitmask, self.eos_mask)
+        self.state = self.programs.get(key)(self.params, self.state, slots, packed, self.lora)
         return packed
 
     def _apply_start(self, index, slot, position, row, adapter):
@@ -983,6 +991,10 @@ class Engine:
         rows = next(b for b in buckets if b >= held)
         fallbacks = [("decode", r, k) for r in buckets for k in windows if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
+        if self._compiling():  # a step needs its rows' sampler too (the covering pair is always ready)
+            fallbacks = [k for k in fallbacks if ("sample", k[1]) in self.programs.ready]
+            if ("sample", rows) not in self.programs.ready and fallbacks:
+                return self._program(fallbacks[0], fallbacks[1:])
         return self._program(("decode", rows, kv_len), fallbacks)
 
     def _clock_key(self, key: tuple) -> tuple:

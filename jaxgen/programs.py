@@ -3,8 +3,8 @@
 `prefill_chunks` runs prompt chunks [B, C] into their slots' cache rows (several requests, or several
 chunks of one prompt, in one call); `prefill_span` runs a few of their layers, so a chunk can be spread over
 several engine turns; `start_choice` makes a prefilled slot live (first logits, sampling
-row, position, adapter); `decode_step` samples one token for the live slots from the logits each
-holds and runs the model on those tokens. Both model calls are the family's one `forward`, so a slot's
+row, position, adapter); `sample_step` samples one token for the live slots from the logits each
+holds and `decode_step` runs the model on those tokens. Both model calls are the family's one `forward`, so a slot's
 first generated token and every later one take the same path.
 
 Every program takes the engine's `Layout` (`models.sharding`: the mesh, one device included) as a static
@@ -89,30 +89,46 @@ def put_rows(tree, new, slots: jax.Array | None, rows: int):
     return jax.tree.map(lambda x, h: x.at[:rows].set(h) if slots is None else x.at[slots].set(h), tree, new)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "rows", "layout"), donate_argnames=("state",))
-def decode_step(params, state: DecodeState, slots, bitmask, eos_mask, lora=None, *, family: Family, cfg, kv_len: int,
-                rows: int, layout: Layout):
-    """Sample the next token of slots `slots` i32[rows] from the logits each holds, then run the model on them:
-    -> (state', packed [rows], row i for slot slots[i]).
+@functools.partial(jax.jit, static_argnames=("rows", "layout"), donate_argnames=("state",))
+def sample_step(state: DecodeState, slots, bitmask, eos_mask, *, rows: int, layout: Layout):
+    """Sample the next token of slots `slots` i32[rows] from the logits each holds: -> (state' with their
+    sampling rows advanced, packed [rows], row i for slot slots[i]).
 
     `slots` lists the live slots, then idle ones as padding (distinct: an idle slot writes its spare column),
     so a step costs its bucket of live rows wherever they sit; None runs the first `rows` slots (meshes whose
-    `data` axis splits the slots, where gathering rows would move them between devices). With `lora` (stacked
-    adapters), each slot runs with its adapter `state.adapters[slot]`. Rows attend only their own cache blocks
-    where `reads_own_blocks(layout)`; `kv_len` then only bounds the idle rows.
+    `data` axis splits the slots, where gathering rows would move them between devices). A program of its own,
+    dispatched just before `decode_step` runs the model on its tokens: the host reads a step's tokens as soon as
+    they are drawn, while the model runs on them (a request's first token no longer waits for a forward).
     """
     out, sampler = sample(take_rows(state.logits, slots, rows), take_rows(state.sampler, slots, rows),
                           take_rows(bitmask, slots, rows), eos_mask)
+    new = state.replace(sampler=put_rows(state.sampler, sampler, slots, rows))
+    return constrain(new, layout), whole_rows(pack_output(out), layout)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "kv_len", "rows", "layout"), donate_argnames=("state",))
+def decode_step(params, state: DecodeState, slots, packed, lora=None, *, family: Family, cfg, kv_len: int,
+                rows: int, layout: Layout):
+    """Run the model on the tokens `sample_step` drew for slots `slots` (its packed [rows] output, column 0;
+    the same `slots` and `rows`): -> state' with their next logits, K/V and positions.
+
+    With `lora` (stacked adapters), each slot runs with its adapter `state.adapters[slot]`. Rows attend only
+    their own cache blocks where `reads_own_blocks(layout)`; `kv_len` then only bounds the idle rows.
+    """
     adapters = None if lora is None else take_rows(state.adapters, slots, rows)
     positions = take_rows(state.positions, slots, rows)
-    hidden, cache = family.forward(params, cfg, state.cache, out.tokens[:, None], positions[:, None], kv_len,
+    hidden, cache = family.forward(params, cfg, state.cache, packed[:, :1], positions[:, None], kv_len,
                                    slots, lora, adapters, row_blocks=reads_own_blocks(layout))
     logits = family.lm_logits(params, cfg, hidden[:, 0])
     last = spare_position(state)  # finished rows may step past their end: they write the spare column
-    new = state.replace(cache=cache, sampler=put_rows(state.sampler, sampler, slots, rows),
-                        logits=put_rows(state.logits, logits, slots, rows),
+    new = state.replace(cache=cache, logits=put_rows(state.logits, logits, slots, rows),
                         positions=put_rows(state.positions, jnp.minimum(positions + 1, last), slots, rows))
-    return constrain(new, layout), whole_rows(pack_output(out), layout)
+    return constrain(new, layout)
+
+
+def packed_shape(rows: int, layout: Layout) -> jax.ShapeDtypeStruct:
+    """The shape and sharding of `sample_step`'s packed output over `rows` rows (`decode_step` takes it)."""
+    return jax.ShapeDtypeStruct((rows, 2 + 2 * TOP_LOGPROBS), jnp.int32, sharding=layout.sharding(P(None, None)))
 
 
 def reads_own_blocks(layout: Layout) -> bool:

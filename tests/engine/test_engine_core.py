@@ -552,6 +552,38 @@ def test_a_decode_step_runs_the_live_slots_in_the_fewest_rows(tiny_llm):
     assert_same(shared, alone, atol=1e-5)
 
 
+def test_while_compiling_a_decode_step_runs_where_its_sampler_is_ready(tiny_llm, compile_counter):
+    """A decode step is two programs, its rows' sampler and the model: while programs compile in the
+    background, a lone stream whose one-row sampler is not ready yet runs on a larger ready pair (not the
+    one-row model alone, compiling the sampler on demand), with the greedy tokens it decodes alone."""
+    prompt, params = [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with tiny_engine_llm(tiny_llm) as llm:
+        engine, steps = llm.engine, []
+        engine.warmup()
+        alone = [t.token_id for e in engine.submit(prompt, params) if isinstance(e, ChoiceUpdate) for t in e.tokens]
+        sampler = engine.programs.ready.pop(("sample", 1))
+        compiling = threading.Event()
+        engine.programs.background = threading.Thread(target=compiling.wait, daemon=True)
+        engine.programs.background.start()
+        step = engine._step
+
+        def recording_steps(op, *args):
+            if op == "decode":
+                steps.append(args[0])
+            return step(op, *args)
+        engine._step = recording_steps
+        before = compile_counter.count
+        try:
+            served = [t.token_id for e in engine.submit(prompt, params) if isinstance(e, ChoiceUpdate)
+                      for t in e.tokens]
+        finally:
+            compiling.set()
+            engine.programs.ready[("sample", 1)] = sampler
+    assert compile_counter.count == before  # nothing compiled on demand: the pair it ran was ready
+    assert steps and all(key[1] > 1 for key in steps)
+    assert served == alone
+
+
 def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):
     """Decode rows read only their own cache blocks, so a stream's step grows as it does: the clock keys one
     decode program by the blocks its rows read too (steps of sqrt(2)), and a longer stream's step is a
