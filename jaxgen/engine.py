@@ -332,8 +332,9 @@ class Engine:
         first = [("sample", 1), ("decode", 1, self.decode_windows()[0]), ("prefill", 1, least, False),
                  ("prefill", most, kv, False), ("prefill", most, kv, True)]
         first = [k for k in dict.fromkeys(first) if k in keys and k not in essential]
-        rest = sorted((k for k in keys if k not in essential and k not in first),  # the small samplers first
-                      key=lambda k: (k[0] != "sample", k[0], k[2] if len(k) > 2 else 0, k[1]))
+        # the small samplers first, so a ready decode step's sampler is always ready too (`_decode_key`)
+        rest = sorted((k for k in keys if k not in essential and k not in first),
+                      key=lambda k: (k[0] != "sample", k[0], k[2:3], k[1]))
         self.programs.build_in_background(first + rest, self._on_compile_error)
 
     def close(self) -> None:
@@ -428,8 +429,8 @@ class Engine:
         return [b for b in PREFILL_ROW_BUCKETS if least <= b <= most] or [most]
 
     def _covering_keys(self) -> set[tuple]:
-        """The programs that can run any workload on their own (the largest decode step, sampler and model; one-chunk
-        prefills at the largest window; the slot steps)."""
+        """The programs that can run any workload on their own (the largest decode step: its sampler and model;
+        one-chunk prefills at the largest window; the slot steps)."""
         kv = self.kv_buckets()[-1]
         return {("sample", self.config.num_slots), ("decode", self.config.num_slots, kv), ("prefill", 1, kv, False),
                 ("prefill", 1, kv, True),
@@ -463,16 +464,15 @@ class Engine:
             return self._lower_slot_step(key)
         if key[0] == "span":
             return self._lower_span(key)
-        if key[0] in ("sample", "decode"):
-            rows = key[1]
-            slots = (jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.layout.replicated)
-                     if self._gathers_rows() else None)
-            if key[0] == "sample":
-                return programs.sample_step.lower(self.state_shapes, slots, self.bitmask, self.eos_mask, rows=rows,
-                                                  layout=self.layout)
-            return programs.decode_step.lower(self.params, self.state_shapes, slots,
+        if key[0] == "sample":
+            _, rows = key
+            return programs.sample_step.lower(self.state_shapes, self._slots_shape(rows), self.bitmask,
+                                              self.eos_mask, rows=rows, layout=self.layout)
+        if key[0] == "decode":
+            _, rows, kv_len = key
+            return programs.decode_step.lower(self.params, self.state_shapes, self._slots_shape(rows),
                                               programs.packed_shape(rows, self.layout), self.lora, family=self.family,
-                                              cfg=self.cfg, kv_len=key[2], rows=rows, layout=self.layout)
+                                              cfg=self.cfg, kv_len=kv_len, rows=rows, layout=self.layout)
         _, batch, kv_len, score = key
         tokens = jax.ShapeDtypeStruct((batch, self.config.chunk), jnp.int32, sharding=self.layout.replicated)
         rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=self.layout.replicated)
@@ -480,6 +480,11 @@ class Engine:
         return programs.prefill_chunks.lower(self.params, self.state_shapes, tokens, tokens, rows, rows, tokens,
                                              self.lora, adapters, family=self.family, cfg=self.cfg, kv_len=kv_len,
                                              score=score, layout=self.layout)
+
+    def _slots_shape(self, rows: int) -> jax.ShapeDtypeStruct | None:
+        """The `slots` argument of a decode step's programs over `rows` rows (None where it runs the first rows)."""
+        return (jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.layout.replicated)
+                if self._gathers_rows() else None)
 
     def _lower_span(self, key: tuple):
         """The `jax.stages.Lowered` of a layer span of one chunk, in a call of the fewest prefill rows."""
@@ -981,7 +986,7 @@ class Engine:
     def _decode_key(self) -> tuple:
         """The decode program the live slots run next: the fewest rows that hold them (gathered, or where the
         step runs the first rows, past the highest busy slot), the window past the furthest position (a larger
-        ready one while that compiles)."""
+        ready one while that compiles: its rows' sampler is then ready too, built before any of their models)."""
         active = [c for c in self.choices if c is not None]
         needed = min(max(c.position for c in active) + 1, self.config.max_len)  # finished rows may run one over
         windows = self.decode_windows()
@@ -991,10 +996,6 @@ class Engine:
         rows = next(b for b in buckets if b >= held)
         fallbacks = [("decode", r, k) for r in buckets for k in windows if r >= rows and k >= kv_len
                      and (r, k) != (rows, kv_len)]
-        if self._compiling():  # a step needs its rows' sampler too (the covering pair is always ready)
-            fallbacks = [k for k in fallbacks if ("sample", k[1]) in self.programs.ready]
-            if ("sample", rows) not in self.programs.ready and fallbacks:
-                return self._program(fallbacks[0], fallbacks[1:])
         return self._program(("decode", rows, kv_len), fallbacks)
 
     def _clock_key(self, key: tuple) -> tuple:

@@ -98,7 +98,7 @@ def sample_step(state: DecodeState, slots, bitmask, eos_mask, *, rows: int, layo
     so a step costs its bucket of live rows wherever they sit; None runs the first `rows` slots (meshes whose
     `data` axis splits the slots, where gathering rows would move them between devices). A program of its own,
     dispatched just before `decode_step` runs the model on its tokens: the host reads a step's tokens as soon as
-    they are drawn, while the model runs on them (a request's first token no longer waits for a forward).
+    they are drawn, while the model runs on them (a request's first token does not wait for a forward).
     """
     out, sampler = sample(take_rows(state.logits, slots, rows), take_rows(state.sampler, slots, rows),
                           take_rows(bitmask, slots, rows), eos_mask)

@@ -552,36 +552,22 @@ def test_a_decode_step_runs_the_live_slots_in_the_fewest_rows(tiny_llm):
     assert_same(shared, alone, atol=1e-5)
 
 
-def test_while_compiling_a_decode_step_runs_where_its_sampler_is_ready(tiny_llm, compile_counter):
-    """A decode step is two programs, its rows' sampler and the model: while programs compile in the
-    background, a lone stream whose one-row sampler is not ready yet runs on a larger ready pair (not the
-    one-row model alone, compiling the sampler on demand), with the greedy tokens it decodes alone."""
-    prompt, params = [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    with tiny_engine_llm(tiny_llm) as llm:
-        engine, steps = llm.engine, []
-        engine.warmup()
-        alone = [t.token_id for e in engine.submit(prompt, params) if isinstance(e, ChoiceUpdate) for t in e.tokens]
-        sampler = engine.programs.ready.pop(("sample", 1))
-        compiling = threading.Event()
-        engine.programs.background = threading.Thread(target=compiling.wait, daemon=True)
-        engine.programs.background.start()
-        step = engine._step
-
-        def recording_steps(op, *args):
-            if op == "decode":
-                steps.append(args[0])
-            return step(op, *args)
-        engine._step = recording_steps
-        before = compile_counter.count
-        try:
-            served = [t.token_id for e in engine.submit(prompt, params) if isinstance(e, ChoiceUpdate)
-                      for t in e.tokens]
-        finally:
-            compiling.set()
-            engine.programs.ready[("sample", 1)] = sampler
-    assert compile_counter.count == before  # nothing compiled on demand: the pair it ran was ready
-    assert steps and all(key[1] > 1 for key in steps)
-    assert served == alone
+def test_the_background_warmup_builds_each_sampler_before_its_decode_steps(tiny_llm):
+    """A decode step is two programs, its rows' sampler and the model; while programs compile, a step runs on
+    any ready model program (`_decode_key`), so the warm-up makes a row bucket's sampler ready before any of
+    its models: the covering pair at once, the rest in background order, every program once (32 slots: row
+    buckets 1, 8, 16 and 32)."""
+    with tiny_engine_llm(tiny_llm, num_slots=32) as llm:
+        engine, order = llm.engine, []
+        engine.programs.build_in_background = lambda keys, on_error: order.extend(keys)
+        engine.warmup_in_background()
+        ready = set(engine.programs.ready)
+        assert {k for k in engine._covering_program_keys() if k[0] in ("sample", "decode")} <= ready
+        built = set(ready)
+        for key in order:
+            assert key[0] != "decode" or ("sample", key[1]) in built, key
+            built.add(key)
+        assert len(order) == len(set(order)) and built == set(engine.program_keys())
 
 
 def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):
