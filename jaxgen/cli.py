@@ -9,6 +9,8 @@ import platform
 import sys
 import time
 
+from jaxgen.paths import cache_root
+
 DEFAULT_MESSAGE = "What is the capital of France? Answer in one sentence."
 
 
@@ -101,11 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", default=None, help="also write the results as JSON to this file")
     return parser
-
-
-def cache_root() -> str:
-    """Where compiled programs are kept between starts: $JAXGEN_CACHE_DIR, else ~/.cache/jaxgen."""
-    return os.environ.get("JAXGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxgen")
 
 
 def enable_compile_cache() -> None:
