@@ -23,6 +23,7 @@ from jax.experimental import serialize_executable
 import jaxgen
 import jaxgen.models
 import jaxgen.sampling
+from jaxgen.models import native_attention
 
 # Executables alive in this process, by digest: engines of the same shapes share them, and an executable is
 # never deserialized into a process that already holds it (XLA CPU then fails to find its functions). Weak:
@@ -51,9 +52,10 @@ jax.monitoring.register_event_listener(_note_jax_cache_hit)
 
 
 def source_fingerprint() -> str:
-    """A hash of the JAX build, the device and this installation's Python sources: an executable built from
-    other code is never loaded."""
-    h = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{jax.devices()[0].device_kind}".encode())
+    """A hash of the JAX build, the device, the native kernel in use and this installation's Python sources: an
+    executable built from other code is never loaded."""
+    h = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{jax.devices()[0].device_kind}|"
+                       f"{native_attention.fingerprint()}".encode())
     for package in (jaxgen, jaxgen.models, jaxgen.sampling):
         directory = os.path.dirname(os.path.abspath(package.__file__))
         for name in sorted(os.listdir(directory)):
@@ -64,7 +66,9 @@ def source_fingerprint() -> str:
 
 
 def read_executable(path: str) -> Callable | None:
-    """The executable serialized at `path`, or None (absent, damaged or foreign: rebuilt, never fatal)."""
+    """The executable serialized at `path`, or None (absent, damaged or foreign: rebuilt, never fatal). The
+    native kernel it may call is registered first."""
+    native_attention.available()
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
@@ -96,20 +100,22 @@ def preload(cache_dir: str, start: str) -> None:
     made ready first (`ProgramTable.remember_first`), while the caller loads the model: deserializing releases
     the GIL, and on 2 CPU cores the default model's covering programs (3.3 s for 9) load beside its weights (5 s).
     A stale list costs only the reading: tables take executables by digest, which names all they depend on.
-    Does nothing in a process that has started building programs."""
+    The thread first builds the native kernel where this machine has none yet (`native_attention`, ~2 s).
+    Reads nothing in a process that has started building programs."""
     try:
         with open(first_programs_file(cache_dir, start), encoding="utf-8") as f:
             listed = json.load(f)
     except (OSError, ValueError):
-        return
+        listed = []
     with _BUILT_LOCK:
         if _BUILDS_STARTED.is_set() or not isinstance(listed, list):
-            return
+            listed = []
         futures = {d: concurrent.futures.Future() for d in dict.fromkeys(listed)
                    if isinstance(d, str) and d.isalnum() and d not in _PRELOADED}
         _PRELOADED.update(futures)
 
     def run():
+        native_attention.available()
         for digest, future in futures.items():
             future.set_result(read_executable(os.path.join(cache_dir, f"{digest}.xla")))
     threading.Thread(target=run, name="jaxgen-preload", daemon=True).start()

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import lora as lora_lib
+from . import native_attention
 from .config import ModelConfig, Params
 from .weights import split_gate_up, split_qkv
 
 MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
-ROW_BLOCK = 256  # cache positions a decode row reads at a time (`attend_rows`)
+ROW_BLOCK = 256  # cache positions a decode row reads at a time (`attend_blocks`)
 Cache = dict[str, list[jax.Array]]
 
 
@@ -88,30 +89,42 @@ def attend(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: 
 def attend_rows(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
                 q_pos: jax.Array, kv_len: int, window: int | None, scale: float | None = None,
                 logit_cap: float | None = None) -> jax.Array:
-    """`attend` of one query per row, q [B, 1, H, Dh] at q_pos [B, 1], reading only the cache blocks of
-    ROW_BLOCK positions that row's query sees (from its sliding window's start, or 0, up to its own position)
-    of cache row `rows[b]`: -> [B, 1, H·Dh]. A loop over rows and their blocks with an online softmax, so a
-    decode step's attention costs the positions its rows hold, not rows × the widest row's window (a 2,000-token
-    row beside short ones made every row read 2,048 positions). A row past `kv_len` (an idle slot at the spare
-    position) reads the first block only."""
+    """`attend` of one query per row, q [B, 1, H, Dh] at q_pos [B, 1], reading only the positions that row's
+    query sees (from its sliding window's start, or 0, up to its own position) of cache row `rows[b]`:
+    -> [B, 1, H·Dh]. A decode step's attention then costs the positions its rows hold, not rows × the widest
+    row's window (a 2,000-token row beside short ones made every row read 2,048 positions). A row past `kv_len`
+    (an idle slot at the spare position) reads position 0 only. Runs the native CPU kernel where it applies
+    (`native_attention`), else `attend_blocks`."""
     b, _, _, dh = q.shape
-    kvh, groups, width = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k_cache.shape[-1]
-    block = min(ROW_BLOCK, width)
+    kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, kvh, groups, dh)
     factor = 1.0 / np.sqrt(dh) if scale is None else scale
+    last = jnp.where(q_pos[:, 0] < kv_len, q_pos[:, 0], 0)  # [B]
+    first = jnp.zeros_like(last) if window is None else jnp.maximum(last - window + 1, 0)
+    if native_attention.applies(q, k_cache):
+        out = native_attention.attend(q, k_cache, v_cache, rows, first, last, factor, logit_cap)
+    else:
+        out = attend_blocks(q, k_cache, v_cache, rows, first, last, factor, logit_cap)
+    return out.reshape(b, 1, cfg.num_heads * dh)
+
+
+def attend_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array, first: jax.Array,
+                  last: jax.Array, factor: float, logit_cap: float | None) -> jax.Array:
+    """XLA's `attend_rows`: each row b's queries q [B, KVH, G, Dh] over positions [first[b], last[b]] of cache
+    row rows[b] -> [B, KVH, G, Dh], in a loop over rows and their blocks of ROW_BLOCK positions with an online
+    softmax."""
+    b, kvh, groups, dh = q.shape
+    width = k_cache.shape[-1]
+    block = min(ROW_BLOCK, width)
 
     def row(r, out):
-        pos = jnp.where(q_pos[r, 0] < kv_len, q_pos[r, 0], 0)
-        first = 0 if window is None else jnp.maximum(pos - window + 1, 0) // block
-        slot, q_row = rows[r], q[r]  # q_row [KVH, G, Dh]
+        pos, start_pos, slot, q_row = last[r], first[r], rows[r], q[r]  # q_row [KVH, G, Dh]
 
         def step(j, carry):
             top, total, acc = carry  # running max and sum of exp [KVH, G], weighted values [KVH, G, Dh]
             start = jnp.minimum(j * block, width - block)  # the last block may reach back over the one before
             keys = start + jnp.arange(block)
-            seen = (keys >= j * block) & (keys <= pos)
-            if window is not None:
-                seen &= keys > pos - window
+            seen = (keys >= j * block) & (keys >= start_pos) & (keys <= pos)
             # sliced straight from the cache: a row taken first would be copied whole on every iteration
             k = jax.lax.dynamic_slice(k_cache, (slot, 0, 0, start), (1, kvh, dh, block))[0]  # [KVH, Dh, block]
             v = jax.lax.dynamic_slice(v_cache, (slot, 0, start, 0), (1, kvh, block, dh))[0]  # [KVH, block, Dh]
@@ -126,10 +139,9 @@ def attend_rows(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax
             return new_top, total * keep + p.sum(-1), acc * keep[..., None] + pv
         init = (jnp.full((kvh, groups), MASKED, jnp.float32), jnp.zeros((kvh, groups), jnp.float32),
                 jnp.zeros((kvh, groups, dh), jnp.float32))
-        _, total, acc = jax.lax.fori_loop(first, pos // block + 1, step, init)
+        _, total, acc = jax.lax.fori_loop(start_pos // block, pos // block + 1, step, init)
         return out.at[r].set((acc / total[..., None]).astype(out.dtype))
-    out = jax.lax.fori_loop(0, b, row, jnp.zeros((b, kvh, groups, dh), q.dtype))
-    return out.reshape(b, 1, cfg.num_heads * dh)
+    return jax.lax.fori_loop(0, b, row, jnp.zeros((b, kvh, groups, dh), q.dtype))
 
 
 def with_lora(y: jax.Array, x: jax.Array, lora_layer, group: str, adapters) -> jax.Array:

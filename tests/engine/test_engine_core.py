@@ -570,6 +570,23 @@ def test_the_background_warmup_builds_each_sampler_before_its_decode_steps(tiny_
         assert len(order) == len(set(order)) and built == set(engine.program_keys())
 
 
+def test_decode_steps_attend_through_the_native_kernel_and_prefill_chunks_do_not(tiny_llm):
+    """On one CPU device in float32 the engine's decode program attends through the native kernel (its custom
+    call is in the lowered program); a prefill chunk attends the dense window in XLA."""
+    import shutil
+
+    from jaxgen.models import native_attention
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    with tiny_engine_llm(tiny_llm) as llm:
+        keys = llm.engine.program_keys()
+        decode = next(k for k in keys if k[0] == "decode")
+        prefill = next(k for k in keys if k[0] == "prefill")
+        assert native_attention.TARGET in llm.engine._lower(decode).as_text()
+        assert native_attention.TARGET not in llm.engine._lower(prefill).as_text()
+
+
 def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):
     """Decode rows read only their own cache blocks, so a stream's step grows as it does: the clock keys one
     decode program by the blocks its rows read too (steps of sqrt(2)), and a longer stream's step is a

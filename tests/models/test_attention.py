@@ -1,21 +1,37 @@
-"""Decode attention that reads each row's own blocks (`layers.attend_rows`) against the dense window
-(`layers.attend`) on random caches: positions spread over the window, block edges, sliding windows, a query
-scale and soft-cap, rows mapped to other cache rows, idle rows at the spare position, and caches narrower
-than a block."""
+"""Decode attention that reads each row's own positions (`layers.attend_rows`), both ways it runs (the native
+CPU kernel and XLA's block loop), against the dense window (`layers.attend`) on random caches: positions spread
+over the window, block edges, sliding windows, a query scale and soft-cap, rows mapped to other cache rows, idle
+rows at the spare position, caches narrower than a block, and more query heads per KV head than the kernel
+accumulates at once."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.models import layers
+from jaxgen.models import layers, native_attention
 from jaxgen.models.config import ModelConfig
 
 CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=1, num_heads=6,
                   num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
                   tie_word_embeddings=True)
+
+
+@pytest.fixture(params=["native", "xla"])
+def path(request, monkeypatch):
+    """Which way `attend_rows` runs: the native kernel (where a C++ compiler exists, it must build), or XLA's
+    block loop."""
+    if request.param == "native":
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler: the kernel cannot be built here")
+        assert native_attention.available(), "a C++ compiler is on PATH but the native kernel did not build"
+    else:
+        monkeypatch.setattr(native_attention, "applies", lambda q, k_cache: False)
+    return request.param
 
 
 def random_cache(rng, slots: int, max_len: int):
@@ -38,7 +54,7 @@ def dense(q, k_cache, v_cache, rows, positions, kv_len, window, scale=None, cap=
     (512, 256, 130, 0.3, 20.0),  # Gemma's query scale and soft-cap
     (40, 32, None, None, None),  # the cache is narrower than one block
 ])
-def test_rows_read_only_their_blocks_with_the_dense_result(max_len, kv_len, window, scale, cap):
+def test_rows_read_only_their_blocks_with_the_dense_result(path, max_len, kv_len, window, scale, cap):
     rng = np.random.default_rng(max_len + kv_len)
     slots = 6
     k_cache, v_cache = random_cache(rng, slots, max_len)
@@ -51,7 +67,7 @@ def test_rows_read_only_their_blocks_with_the_dense_result(max_len, kv_len, wind
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_an_idle_row_reads_one_block_and_stays_finite():
+def test_an_idle_row_reads_one_block_and_stays_finite(path):
     rng = np.random.default_rng(0)
     k_cache, v_cache = random_cache(rng, 2, 256)
     spare = 256
@@ -61,18 +77,32 @@ def test_an_idle_row_reads_one_block_and_stays_finite():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_heads_follow_their_kv_head():
-    """With one KV head per query head (no grouping) the blocks give the dense result too."""
-    cfg = dataclasses.replace(CFG, num_kv_heads=CFG.num_heads)
+@pytest.mark.parametrize("heads, kv_heads", [(6, 6), (12, 1)], ids=["one-per-kv-head", "twelve-per-kv-head"])
+def test_grouped_heads_follow_their_kv_head(path, heads, kv_heads):
+    """With one query head per KV head (no grouping), or twelve (more than the kernel accumulates together), the
+    rows give the dense result too."""
+    cfg = dataclasses.replace(CFG, num_heads=heads, num_kv_heads=kv_heads)
     rng = np.random.default_rng(1)
-    k_cache = jnp.asarray(rng.standard_normal((2, cfg.num_heads, cfg.head_dim, 301)), jnp.float32)
-    v_cache = jnp.asarray(rng.standard_normal((2, cfg.num_heads, 301, cfg.head_dim)), jnp.float32)
+    k_cache = jnp.asarray(rng.standard_normal((2, kv_heads, cfg.head_dim, 301)), jnp.float32)
+    v_cache = jnp.asarray(rng.standard_normal((2, kv_heads, 301, cfg.head_dim)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((2, 1, cfg.num_heads, cfg.head_dim)), jnp.float32)
     positions = jnp.asarray([[299], [130]])
     got = layers.attend_rows(cfg, q, k_cache, v_cache, jnp.arange(2), positions, 300, None)
     k_t, v = layers.read_window(k_cache, v_cache, None, 2, 300)
     want = layers.attend(cfg, q, k_t, v, positions, None)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_refuses_positions_outside_the_cache(path):
+    """A row whose attended positions lie past the cache is an error from the kernel, not a read out of bounds."""
+    if path != "native":
+        pytest.skip("a check of the kernel's own")
+    rng = np.random.default_rng(2)
+    k_cache, v_cache = random_cache(rng, 2, 40)
+    q = jnp.zeros((2, CFG.num_kv_heads, CFG.num_heads // CFG.num_kv_heads, CFG.head_dim), jnp.float32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="outside the cache"):
+        native_attention.attend(q, k_cache, v_cache, jnp.arange(2), jnp.zeros(2), jnp.asarray([5, 41]), 1.0,
+                                None).block_until_ready()
 
 
 @pytest.mark.parametrize("length, max_len", [(0, 700), (1, 700), (300, 700), (512, 700), (700, 700), (40, 100)])
@@ -93,3 +123,14 @@ def test_copy_prefix_copies_whole_blocks_of_the_prefix_and_nothing_else(length, 
     want_k[3][..., copied], want_v[3][:, copied] = want_k[1][..., copied], want_v[1][:, copied]
     np.testing.assert_array_equal(np.asarray(out["k"][0]), want_k)
     np.testing.assert_array_equal(np.asarray(out["v"][0]), want_v)
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch, tmp_path, caplog):
+    """A machine whose compiler is missing (or whose build fails) runs XLA's loop: `_register` says False and
+    warns, and nothing is registered or cached."""
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", str(tmp_path))
+    with caplog.at_level("WARNING", logger=native_attention.__name__):
+        assert native_attention._register() is False
+    assert "no C++ compiler (no-such-compiler)" in caplog.text
+    assert not any(tmp_path.iterdir())

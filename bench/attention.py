@@ -1,0 +1,84 @@
+"""Decode attention of one layer: the native CPU kernel (`models/native_attention.py`) against XLA's block loop
+(`layers.attend_blocks`), which runs where the kernel does not, in the same run.
+
+The default model's attention shapes (9 query heads over 3 KV heads of 64, float32) over a 2,048-position cache,
+at 1, 8 and 32 rows whose positions are drawn uniformly below --max-position: the median time of one call, the
+K/V bytes it must read, that over the time, and the ratio. Both are checked against each other first.
+
+    python bench/attention.py [--rows 1,8,32] [--max-position 1000] [--repeats 50]
+
+For the whole engine, run `bench/throughput.py` twice: as is, and with JAXGEN_NATIVE_ATTENTION=0.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.models import layers, native_attention
+from jaxgen.models.config import ModelConfig
+
+from throughput import machine
+
+CFG = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=1,
+                  num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                  max_position_embeddings=8192, tie_word_embeddings=True)
+CACHE_LEN = 2048
+
+
+def median_ms(fn, args, repeats: int) -> float:
+    """Median wall time of fn(*args) in ms, after one warm call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def inputs(rows: int, max_position: int, rng):
+    """q [rows, 1, H, Dh], caches of `rows` slots, the rows in shuffled slots, positions [rows, 1]."""
+    kvh, dh = CFG.num_kv_heads, CFG.head_dim
+    k = jnp.asarray(rng.standard_normal((rows, kvh, dh, CACHE_LEN + 1)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((rows, kvh, CACHE_LEN + 1, dh)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((rows, 1, CFG.num_heads, dh)), jnp.float32)
+    return q, k, v, jnp.asarray(rng.permutation(rows), jnp.int32), jnp.asarray(
+        rng.integers(1, max_position, (rows, 1)), jnp.int32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8,32")
+    ap.add_argument("--max-position", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    print(machine())
+    if not native_attention.available():
+        raise SystemExit("the native kernel is not available here (see the warning above)")
+    native = jax.jit(lambda q, k, v, r, p: layers.attend_rows(CFG, q, k, v, r, p, CACHE_LEN, None))
+    real_applies = native_attention.applies
+    native_attention.applies = lambda q, k_cache: False
+    xla = jax.jit(lambda q, k, v, r, p: layers.attend_rows(CFG, q, k, v, r, p, CACHE_LEN, None))
+    rng = np.random.default_rng(0)
+    print(f"{'rows':>5} {'K/V MB':>7} {'XLA ms':>8} {'native ms':>10} {'XLA GB/s':>9} {'native GB/s':>12} {'ratio':>6}")
+    for rows in (int(r) for r in args.rows.split(",")):
+        batch = inputs(rows, args.max_position, rng)
+        native_attention.applies = real_applies
+        got = native(*batch)
+        native_attention.applies = lambda q, k_cache: False
+        want = xla(*batch)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+        megabytes = float(jnp.sum(batch[4] + 1)) * CFG.num_kv_heads * CFG.head_dim * 4 * 2 / 1e6
+        ours, theirs = median_ms(native, batch, args.repeats), median_ms(xla, batch, args.repeats)
+        print(f"{rows:>5} {megabytes:>7.1f} {theirs:>8.3f} {ours:>10.3f} {megabytes / theirs:>9.1f} "
+              f"{megabytes / ours:>12.1f} {theirs / ours:>5.2f}x")
+    native_attention.applies = real_applies
+
+
+if __name__ == "__main__":
+    main()

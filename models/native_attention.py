@@ -1,0 +1,113 @@
+"""Decode attention as a native CPU kernel: `kernels/decode_attention.cc`, an XLA FFI custom call, built with the
+machine's C++ compiler (`$CXX`, else `c++`) on first use and kept under $JAXGEN_CACHE_DIR (else
+~/.cache/jaxgen)/kernels, keyed by its source, flags, compiler, JAX and CPU.
+
+On 2 Xeon cores it runs a 32-row decode step's attention (505 positions a row) 2.8x faster than XLA's loop of
+small dots, near the memory's streaming rate. `layers.attend_rows` uses it where it applies (`applies`); where
+the build fails, off the CPU, or with JAXGEN_NATIVE_ATTENTION=0, the XLA loop runs instead, with a warning for a
+failed build. Both compute the same attention (to float32 rounding: the tests compare them).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.paths import cache_root
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "decode_attention.cc")
+TARGET = "jaxgen_decode_attention"
+SYMBOL = "JaxgenDecodeAttention"
+# fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
+_LOCK = threading.Lock()
+_STATE: dict[str, bool | str] = {}
+log = logging.getLogger(__name__)
+
+
+def _cpu_description() -> str:
+    """What -march=native compiles for: the CPU's feature flags where Linux lists them, else the machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def _build_key(compiler: str) -> str:
+    """A hash of everything the built library depends on."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    parts = (source, " ".join(FLAGS).encode(), version.encode(), jax.__version__.encode(), _cpu_description().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _library() -> str:
+    """The path of the built kernel library, compiling it first when this machine has none (written through a
+    temporary file and a rename, so processes building at once never load half a file)."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    path = os.path.join(cache_root(), "kernels", f"decode_attention-{_build_key(compiler)}.so")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp], check=True,
+                       capture_output=True, text=True)
+        os.replace(tmp, path)
+    return path
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered with XLA (done on the first call, once per process)."""
+    with _LOCK:
+        if "available" not in _STATE:
+            _STATE["available"] = _register()
+        return bool(_STATE["available"])
+
+
+def _register() -> bool:
+    """Build (or find) the library and register its handler; False where it is switched off or cannot be built."""
+    if os.environ.get("JAXGEN_NATIVE_ATTENTION", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(_library())
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+    except (OSError, AttributeError, subprocess.CalledProcessError) as e:
+        detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
+        log.warning("native decode attention unavailable, using XLA's loop instead: %s", detail)
+        return False
+    _STATE["library"] = os.path.basename(library._name)
+    return True
+
+
+def fingerprint() -> str:
+    """What a compiled program's decode attention is: the kernel library's name (its build key), or "xla"."""
+    return str(_STATE["library"]) if available() else "xla"
+
+
+def applies(q: jax.Array, k_cache: jax.Array) -> bool:
+    """Whether a decode step runs the kernel: float32 on a single CPU device (a custom call has no sharding rule,
+    so on a mesh XLA would gather the cache to every device; the XLA loop runs there)."""
+    return (q.dtype == jnp.float32 and k_cache.dtype == jnp.float32 and jax.device_count() == 1
+            and available())
+
+
+def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array, first: jax.Array,
+           last: jax.Array, scale: float, logit_cap: float | None) -> jax.Array:
+    """Each row b's queries q [B, KVH, G, Dh] over positions [first[b], last[b]] of cache row rows[b] (k_cache
+    [S, KVH, Dh, W], v_cache [S, KVH, W, Dh]) -> [B, KVH, G, Dh]; scores q·k · scale, soft-capped at
+    `logit_cap` when given."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_cache, v_cache, rows.astype(jnp.int32), first.astype(jnp.int32), last.astype(jnp.int32),
+                scale=np.float32(scale), cap=np.float32(logit_cap or 0.0))
