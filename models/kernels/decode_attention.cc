@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -63,12 +64,11 @@ void Scores(const float* q, const float* k, int64_t group, int64_t head_dim, int
 }
 
 // One (row, KV head) pair: softmax over its scores, then the weighted sum of its values v [W, Dh] -> out
-// [group, Dh]. `scores` is scratch of group × n floats.
+// [group, Dh]. `scores` (group × n floats) and `totals` (group) are scratch.
 void AttendPair(const float* q, const float* k, const float* v, float* out, const Dims& dims, int64_t first,
-                int64_t last, float scale, float cap, float* scores) {
+                int64_t last, float scale, float cap, float* scores, float* totals) {
   const int64_t n = last - first + 1, group = dims.group, head_dim = dims.head_dim;
   Scores(q, k, group, head_dim, dims.width, first, n, scores);
-  std::vector<float> totals(group);
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * n;
     for (int64_t i = 0; i < n; ++i) s[i] *= scale;
@@ -123,20 +123,19 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t q_pair = dims.group * dims.head_dim, k_head = dims.head_dim * dims.width;
   auto work = std::make_shared<Work>();
   auto run = [=](Work& w) {
-    std::vector<float> scores(dims.group * dims.width);
+    std::vector<float> scores(dims.group * dims.width), totals(dims.group);
     for (int64_t p = w.next.fetch_add(1); p < pairs; p = w.next.fetch_add(1)) {
       const int64_t b = p / dims.kv_heads, h = p % dims.kv_heads;
       const int64_t head = rp[b] * dims.kv_heads + h;
       AttendPair(qp + p * q_pair, kp + head * k_head, vp + head * k_head, op + p * q_pair, dims, fp[b], lp[b],
-                 scale, cap, scores.data());
+                 scale, cap, scores.data(), totals.data());
       w.done.fetch_add(1, std::memory_order_release);
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), pairs) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, run] { run(*work); });
   run(*work);
-  while (work->done.load(std::memory_order_acquire) < pairs) {
-  }
+  while (work->done.load(std::memory_order_acquire) < pairs) std::this_thread::yield();  // a helper's last pair
   return ffi::Error::Success();
 }
 
