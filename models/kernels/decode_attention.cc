@@ -109,8 +109,12 @@ struct Work {
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> first,
                            ffi::Buffer<ffi::S32> last, float scale, float cap, ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q and k must be rank 4");
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be rank 4");
+  if (kd[1] != qd[1] || kd[2] != qd[3] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
+      static_cast<int64_t>(rows.element_count()) != qd[0] || static_cast<int64_t>(first.element_count()) != qd[0] ||
+      static_cast<int64_t>(last.element_count()) != qd[0])
+    return ffi::Error::InvalidArgument("q [B, KVH, G, Dh], k [S, KVH, Dh, W], v [S, KVH, W, Dh], rows/first/last [B]");
   const Dims dims{qd[0], qd[1], qd[2], qd[3], kd[3]};
   const int64_t slots = kd[0], pairs = dims.rows * dims.kv_heads;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();

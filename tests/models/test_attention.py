@@ -94,7 +94,8 @@ def test_grouped_heads_follow_their_kv_head(path, heads, kv_heads):
 
 
 def test_the_kernel_refuses_positions_outside_the_cache(path):
-    """A row whose attended positions lie past the cache is an error from the kernel, not a read out of bounds."""
+    """A row whose attended positions lie past the cache, or operands of the wrong layout, are an error from the
+    kernel, not a read out of bounds."""
     if path != "native":
         pytest.skip("a check of the kernel's own")
     rng = np.random.default_rng(2)
@@ -102,6 +103,9 @@ def test_the_kernel_refuses_positions_outside_the_cache(path):
     q = jnp.zeros((2, CFG.num_kv_heads, CFG.num_heads // CFG.num_kv_heads, CFG.head_dim), jnp.float32)
     with pytest.raises(jax.errors.JaxRuntimeError, match="outside the cache"):
         native_attention.attend(q, k_cache, v_cache, jnp.arange(2), jnp.zeros(2), jnp.asarray([5, 41]), 1.0,
+                                None).block_until_ready()
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"v \[S, KVH, W, Dh\]"):  # keys and values swapped
+        native_attention.attend(q, v_cache, k_cache, jnp.arange(2), jnp.zeros(2), jnp.asarray([5, 6]), 1.0,
                                 None).block_until_ready()
 
 
