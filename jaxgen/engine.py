@@ -433,8 +433,7 @@ class Engine:
         one-chunk prefills at the largest window; the slot steps)."""
         kv = self.kv_buckets()[-1]
         return {("sample", self.config.num_slots), ("decode", self.config.num_slots, kv), ("prefill", 1, kv, False),
-                ("prefill", 1, kv, True),
-                *self.slot_step_keys()}
+                ("prefill", 1, kv, True), *self.slot_step_keys()}
 
     def _prefill_rows_ready(self) -> int:
         """Chunks one prefill call may take: all the budget allows, or while compiling in the background, as

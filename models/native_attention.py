@@ -10,6 +10,7 @@ failed build. Both compute the same attention (to float32 rounding: the tests co
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -30,7 +31,6 @@ SYMBOL = "JaxgenDecodeAttention"
 # fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
 _LOCK = threading.Lock()
-_STATE: dict[str, bool | str] = {}
 log = logging.getLogger(__name__)
 
 
@@ -70,30 +70,41 @@ def _library() -> str:
 
 def available() -> bool:
     """Whether the kernel is built and registered with XLA (done on the first call, once per process)."""
+    return registered_library() is not None
+
+
+def fingerprint() -> str:
+    """What a compiled program's decode attention is: the kernel library's file name (its build key), or "xla"."""
+    return registered_library() or "xla"
+
+
+def registered_library() -> str | None:
+    """The file name of the kernel library registered in this process, or None where it is switched off or
+    cannot be built; built and registered on the first call."""
     with _LOCK:
-        if "available" not in _STATE:
-            _STATE["available"] = _register()
-        return bool(_STATE["available"])
+        return _register_once()
 
 
-def _register() -> bool:
-    """Build (or find) the library and register its handler; False where it is switched off or cannot be built."""
+@functools.cache
+def _register_once() -> str | None:
+    """`_register`, once per process (callers hold _LOCK, so no two threads build at once)."""
+    return _register()
+
+
+def _register() -> str | None:
+    """Build (or find) the library and register its handler -> its file name; None where it is switched off or
+    cannot be built (with a warning)."""
     if os.environ.get("JAXGEN_NATIVE_ATTENTION", "1") == "0" or jax.default_backend() != "cpu":
-        return False
+        return None
     try:
-        library = ctypes.cdll.LoadLibrary(_library())
+        path = _library()
+        library = ctypes.cdll.LoadLibrary(path)
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
         log.warning("native decode attention unavailable, using XLA's loop instead: %s", detail)
-        return False
-    _STATE["library"] = os.path.basename(library._name)
-    return True
-
-
-def fingerprint() -> str:
-    """What a compiled program's decode attention is: the kernel library's name (its build key), or "xla"."""
-    return str(_STATE["library"]) if available() else "xla"
+        return None
+    return os.path.basename(path)
 
 
 def applies(q: jax.Array, k_cache: jax.Array) -> bool:

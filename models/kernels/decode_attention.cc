@@ -46,16 +46,9 @@ void Scores(const float* q, const float* k, int64_t group, int64_t head_dim, int
       float acc[kMaxGroup][kLanes] = {};
       for (int64_t d = 0; d < head_dim; ++d) {
         const float* key = k + d * width + first + l0;
-        if (lanes == kLanes) {
-          for (int64_t g = 0; g < gs; ++g) {
-            const float qd = q[(g0 + g) * head_dim + d];
-            for (int64_t i = 0; i < kLanes; ++i) acc[g][i] += qd * key[i];
-          }
-        } else {
-          for (int64_t g = 0; g < gs; ++g) {
-            const float qd = q[(g0 + g) * head_dim + d];
-            for (int64_t i = 0; i < lanes; ++i) acc[g][i] += qd * key[i];
-          }
+        for (int64_t g = 0; g < gs; ++g) {
+          const float qd = q[(g0 + g) * head_dim + d];
+          for (int64_t i = 0; i < lanes; ++i) acc[g][i] += qd * key[i];
         }
       }
       for (int64_t g = 0; g < gs; ++g) std::copy(acc[g], acc[g] + lanes, scores + (g0 + g) * n + l0);
