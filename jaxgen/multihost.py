@@ -9,6 +9,8 @@ order and scheduling happens once. Steps travel as compressed pickled bytes thro
 FIRST_BYTES carries a step's length and most steps whole; a longer one sends the rest in a second.
 
 A process that dies breaks the next collective; the survivors print what happened and exit (`PEER_LOST_EXIT`).
+When process 0 dies, JAX's coordination client (its service runs in process 0) may end a follower first, with
+its own message and SIGABRT.
 An idle leader sends an empty step every `IDLE_TICK_S` seconds, so a lost follower is noticed while nothing
 runs too, and JAX's coordination service ends a process whose peers stop sending heartbeats (`HEARTBEAT_S`).
 """
