@@ -1,9 +1,14 @@
-"""Decode attention of one layer: the native CPU kernel (`models/native_attention.py`) against XLA's block loop
-(`layers.attend_blocks`), which runs where the kernel does not, in the same run.
+"""Cached attention of one layer: the native CPU kernel (`models/native_attention.py`) against what XLA runs where
+the kernel does not, in the same run.
 
-The default model's attention shapes (9 query heads over 3 KV heads of 64, float32) over a 2,048-position cache,
-at 1, 8 and 32 rows whose positions are drawn uniformly below --max-position: the median time of one call, the
-K/V bytes it must read, that over the time, and the ratio. Both are checked against each other first.
+The default model's attention shapes (9 query heads over 3 KV heads of 64, float32) over a 2,048-position cache:
+- decode, at 1, 8 and 32 rows whose positions are drawn uniformly below --max-position, against XLA's block loop
+  (`layers.attend_blocks`): the median time of one call, the K/V bytes it must read, that over the time, and
+  the ratio;
+- prompt chunks, a prefill call of 8 consecutive 64-token chunks of one prompt (a lone 1,000-token prompt's two
+  calls end at 512 and 1,024) against XLA's dense window (`layers.attend`): the median time, the causal
+  attention's arithmetic over it, and the ratio.
+Both ways are checked against each other first.
 
     python bench/attention.py [--rows 1,8,32] [--max-position 1000] [--repeats 50]
 
@@ -12,6 +17,7 @@ For the whole engine, run `bench/throughput.py` twice: as is, and with JAXGEN_NA
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -52,12 +58,36 @@ def inputs(rows: int, max_position: int, rng):
 
 
 def xla_loop(q, k_cache, v_cache, rows, positions):
-    """`layers.attend_blocks` over what `attend_rows` gives it without a sliding window: -> [B, 1, H·Dh]."""
-    b, dh = q.shape[0], CFG.head_dim
-    grouped = q.reshape(b, CFG.num_kv_heads, CFG.num_heads // CFG.num_kv_heads, dh)
-    last = positions[:, 0]
-    out = layers.attend_blocks(grouped, k_cache, v_cache, rows, jnp.zeros_like(last), last, 1.0 / np.sqrt(dh), None)
-    return out.reshape(b, 1, CFG.num_heads * dh)
+    """XLA's decode attention, `layers.attend_rows` (its block loop) without a sliding window: -> [B, 1, H·Dh]."""
+    return layers.attend_rows(CFG, q, k_cache, v_cache, rows, positions, CACHE_LEN, None)
+
+
+def chunk_inputs(end: int, rng):
+    """q [8, 64, H, Dh] of the 8 chunks ending at position `end` of cache row 0, rows [8], positions [8, 64]."""
+    q = jnp.asarray(rng.standard_normal((8, 64, CFG.num_heads, CFG.head_dim)), jnp.float32)
+    positions = jnp.arange(end - 512, end, dtype=jnp.int32).reshape(8, 64)
+    return q, jnp.zeros((8,), jnp.int32), positions
+
+
+def dense_window(q, k_cache, v_cache, rows, positions, kv_len: int):
+    """XLA's prefill attention: `layers.attend` over the window [0, kv_len) of each chunk's cache row."""
+    window = layers.read_window(k_cache, v_cache, rows, q.shape[0], kv_len)
+    return layers.attend(CFG, q, *window, positions, None)
+
+
+def compare_chunks(rng, repeats: int) -> None:
+    """Print the native kernel against XLA's dense window for a prefill call of 8 chunks ending at 512 and 1,024."""
+    _, k, v, _, _ = inputs(1, 2, rng)
+    print(f"{'chunks end':>10} {'XLA ms':>8} {'native ms':>10} {'native GFLOP/s':>15} {'ratio':>6}")
+    for end in (512, 1024):
+        q, rows, positions = chunk_inputs(end, rng)
+        native = jax.jit(functools.partial(layers.attend_native, CFG, kv_len=end, window=None))
+        xla = jax.jit(functools.partial(dense_window, kv_len=end))
+        batch = (q, k, v, rows, positions)
+        np.testing.assert_allclose(np.asarray(native(*batch)), np.asarray(xla(*batch)), rtol=1e-4, atol=1e-5)
+        gflop = float(jnp.sum(positions + 1)) * CFG.num_heads * CFG.head_dim * 4 / 1e9  # q·k and p·v, causal
+        ours, theirs = median_ms(native, batch, repeats), median_ms(xla, batch, repeats)
+        print(f"{end:>10} {theirs:>8.3f} {ours:>10.3f} {gflop / ours * 1e3:>15.1f} {theirs / ours:>5.2f}x")
 
 
 def main() -> None:
@@ -69,7 +99,7 @@ def main() -> None:
     print(machine())
     if not native_attention.available():
         raise SystemExit("the native kernel is not available here (see the warning above)")
-    native = jax.jit(lambda q, k, v, r, p: layers.attend_rows(CFG, q, k, v, r, p, CACHE_LEN, None))
+    native = jax.jit(lambda q, k, v, r, p: layers.attend_native(CFG, q, k, v, r, p, CACHE_LEN, None))
     xla = jax.jit(xla_loop)
     rng = np.random.default_rng(0)
     print(f"{'rows':>5} {'K/V MB':>7} {'XLA ms':>8} {'native ms':>10} {'XLA GB/s':>9} {'native GB/s':>12} {'ratio':>6}")
@@ -80,6 +110,7 @@ def main() -> None:
         ours, theirs = median_ms(native, batch, args.repeats), median_ms(xla, batch, args.repeats)
         print(f"{rows:>5} {megabytes:>7.1f} {theirs:>8.3f} {ours:>10.3f} {megabytes / theirs:>9.1f} "
               f"{megabytes / ours:>12.1f} {theirs / ours:>5.2f}x")
+    compare_chunks(rng, args.repeats)
 
 
 if __name__ == "__main__":

@@ -86,25 +86,43 @@ def attend(cfg: ModelConfig, q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: 
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * dh)
 
 
+def attended_span(q_pos: jax.Array, kv_len: int, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """(first, last) i32[B, T]: the cache positions each query token at q_pos [B, T] attends, from its sliding
+    window's start (or 0) to its own position; a token past `kv_len` (padding, or an idle slot at the spare
+    position) attends position 0 alone."""
+    last = jnp.where(q_pos < kv_len, q_pos, 0)
+    first = jnp.zeros_like(last) if window is None else jnp.maximum(last - window + 1, 0)
+    return first, last
+
+
+def attend_native(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
+                  q_pos: jax.Array, kv_len: int, window: int | None, scale: float | None = None,
+                  logit_cap: float | None = None) -> jax.Array:
+    """`attend` of q [B, T, H, Dh] at q_pos [B, T] over cache row `rows[b]`, through the native kernel
+    (`native_attention`): each query token reads only the positions it sees (`attended_span`), so a decode
+    step costs what its rows hold and a prompt chunk its causal triangle, not the whole window -> [B, T, H·Dh]."""
+    b, t, _, dh = q.shape
+    kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 1, 3, 4)  # [B, KVH, T, G, Dh]
+    factor = 1.0 / np.sqrt(dh) if scale is None else scale
+    out = native_attention.attend(q, k_cache, v_cache, rows, *attended_span(q_pos, kv_len, window), factor,
+                                  logit_cap)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * dh)
+
+
 def attend_rows(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
                 q_pos: jax.Array, kv_len: int, window: int | None, scale: float | None = None,
                 logit_cap: float | None = None) -> jax.Array:
-    """`attend` of one query per row, q [B, 1, H, Dh] at q_pos [B, 1], reading only the positions that row's
-    query sees (from its sliding window's start, or 0, up to its own position) of cache row `rows[b]`:
-    -> [B, 1, H·Dh]. A decode step's attention then costs the positions its rows hold, not rows × the widest
-    row's window (a 2,000-token row beside short ones made every row read 2,048 positions). A row past `kv_len`
-    (an idle slot at the spare position) reads position 0 only. Runs the native CPU kernel where it applies
-    (`native_attention`), else `attend_blocks`."""
+    """XLA's `attend` of one query per row, q [B, 1, H, Dh] at q_pos [B, 1], reading only the positions that
+    row's query sees (`attended_span`) of cache row `rows[b]`: -> [B, 1, H·Dh]. A decode step's attention then
+    costs the positions its rows hold, not rows × the widest row's window (a 2,000-token row beside short ones
+    made every row read 2,048 positions)."""
     b, _, _, dh = q.shape
     kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, kvh, groups, dh)
     factor = 1.0 / np.sqrt(dh) if scale is None else scale
-    last = jnp.where(q_pos[:, 0] < kv_len, q_pos[:, 0], 0)  # [B]
-    first = jnp.zeros_like(last) if window is None else jnp.maximum(last - window + 1, 0)
-    if native_attention.applies(q, k_cache):
-        out = native_attention.attend(q, k_cache, v_cache, rows, first, last, factor, logit_cap)
-    else:
-        out = attend_blocks(q, k_cache, v_cache, rows, first, last, factor, logit_cap)
+    first, last = attended_span(q_pos, kv_len, window)
+    out = attend_blocks(q.reshape(b, kvh, groups, dh), k_cache, v_cache, rows, first[:, 0], last[:, 0], factor,
+                        logit_cap)
     return out.reshape(b, 1, cfg.num_heads * dh)
 
 
@@ -225,14 +243,21 @@ def step_of(tokens: jax.Array, positions: jax.Array, kv_len: int, rows: jax.Arra
 
 def cached_attention(cfg: ModelConfig, q, k, v, k_cache, v_cache, step: Step, window: int | None,
                      scale: float | None = None, logit_cap: float | None = None):
-    """Write this call's k, v into the cache, then attend q to the step's window: -> (attn [B, T, H·Dh], k_cache,
-    v_cache). Every row's K/V of a layer is written before any row reads it (rows may share a cache row)."""
+    """Write this call's k, v into the cache, then attend q to what each token sees: -> (attn [B, T, H·Dh],
+    k_cache, v_cache). Every row's K/V of a layer is written before any row reads it (rows may share a cache
+    row). The native kernel runs where it applies (`native_attention.applies`); else XLA reads each row's own
+    blocks (`step.row_blocks`) or the dense window."""
     k_cache, v_cache = write_kv(k_cache, v_cache, step.write_rows, step.positions, k, v)
-    if step.row_blocks:
-        return (attend_rows(cfg, q, k_cache, v_cache, step.write_rows, step.positions, step.kv_len, window, scale,
-                            logit_cap), k_cache, v_cache)
-    window_kv = read_window(k_cache, v_cache, step.rows, q.shape[0], step.kv_len)
-    return attend(cfg, q, *window_kv, step.positions, window, scale, logit_cap), k_cache, v_cache
+    if native_attention.applies(q, k_cache):
+        attn = attend_native(cfg, q, k_cache, v_cache, step.write_rows, step.positions, step.kv_len, window, scale,
+                             logit_cap)
+    elif step.row_blocks:
+        attn = attend_rows(cfg, q, k_cache, v_cache, step.write_rows, step.positions, step.kv_len, window, scale,
+                           logit_cap)
+    else:
+        window_kv = read_window(k_cache, v_cache, step.rows, q.shape[0], step.kv_len)
+        attn = attend(cfg, q, *window_kv, step.positions, window, scale, logit_cap)
+    return attn, k_cache, v_cache
 
 
 def run_layers(x: jax.Array, params: Params, cfg: ModelConfig, cache: Cache, lora, block: Callable,

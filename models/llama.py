@@ -64,7 +64,8 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     With `span` [start, stop), only those layers run, from `hidden` [B, T, D] (the previous span's output; the
     embeddings when start is 0): a prompt chunk can run a few layers a call, with the bits of one whole call.
     With `row_blocks` (T = 1), each row reads only the cache blocks up to its own position (`layers.attend_rows`)
-    instead of the whole window: the decode step's attention then costs what its rows hold.
+    instead of the whole window: the decode step's attention then costs what its rows hold. (Where the native
+    kernel runs, `layers.cached_attention`, every token reads only its own positions either way.)
     Returns (hidden [B, T, D] after the last layer run, before the final norm; cache).
     """
     step = step_of(tokens, positions, kv_len, rows, row_blocks)

@@ -1,11 +1,12 @@
-"""Decode attention as a native CPU kernel: `kernels/decode_attention.cc`, an XLA FFI custom call, built with the
-machine's C++ compiler (`$CXX`, else `c++`) on first use and kept under $JAXGEN_CACHE_DIR (else
+"""Attention over the KV cache as a native CPU kernel: `kernels/attention.cc`, an XLA FFI custom call, built with
+the machine's C++ compiler (`$CXX`, else `c++`) on first use and kept under $JAXGEN_CACHE_DIR (else
 ~/.cache/jaxgen)/kernels, keyed by its source, flags, compiler, JAX and CPU.
 
-On 2 Xeon cores it runs a 32-row decode step's attention (505 positions a row) 2.8x faster than XLA's loop of
-small dots, near the memory's streaming rate. `layers.attend_rows` uses it where it applies (`applies`); where
-the build fails, off the CPU, or with JAXGEN_NATIVE_ATTENTION=0, the XLA loop runs instead, with a warning for a
-failed build. Both compute the same attention (to float32 rounding: the tests compare them).
+Each query token reads only its own row's positions [first, last]. On 2 Xeon cores it runs a 32-row decode step's
+attention (505 positions a row) 2.8x faster than XLA's loop of small dots, near the memory's streaming rate, and
+a prompt chunk's causally, where XLA attends the whole window. `layers.cached_attention` uses it where it applies
+(`applies`); where the build fails, off the CPU, or with JAXGEN_NATIVE_ATTENTION=0, XLA's attention runs instead,
+with a warning for a failed build. Both compute the same attention (to float32 rounding: the tests compare them).
 """
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ import numpy as np
 
 from jaxgen.paths import cache_root
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "decode_attention.cc")
-TARGET = "jaxgen_decode_attention"
-SYMBOL = "JaxgenDecodeAttention"
-# fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "attention.cc")
+TARGET = "jaxgen_attention"
+SYMBOL = "JaxgenAttention"
+# fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros. It is
+# given to the compile step alone: linked with it, the library would carry crtfastmath's constructor, which sets
+# flush-to-zero for the whole process on load (numpy's subnormals, and every other library's, would read 0).
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17", "-fPIC", "-w")
+LINK_FLAGS = ("-shared",)
 _LOCK = threading.Lock()
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     with open(SOURCE, "rb") as f:
         source = f.read()
-    parts = (source, " ".join(FLAGS).encode(), version.encode(), jax.__version__.encode(), _cpu_description().encode())
+    parts = (source, " ".join(FLAGS + LINK_FLAGS).encode(), version.encode(), jax.__version__.encode(), _cpu_description().encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
@@ -58,12 +62,17 @@ def _library() -> str:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-    path = os.path.join(cache_root(), "kernels", f"decode_attention-{_build_key(compiler)}.so")
+    path = os.path.join(cache_root(), "kernels", f"attention-{_build_key(compiler)}.so")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp], check=True,
-                       capture_output=True, text=True)
+        try:
+            subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", SOURCE, "-o", f"{tmp}.o"],
+                           check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *LINK_FLAGS, f"{tmp}.o", "-o", tmp], check=True, capture_output=True, text=True)
+        finally:
+            if os.path.exists(f"{tmp}.o"):
+                os.remove(f"{tmp}.o")
         os.replace(tmp, path)
     return path
 
@@ -74,7 +83,7 @@ def available() -> bool:
 
 
 def fingerprint() -> str:
-    """What a compiled program's decode attention is: the kernel library's file name (its build key), or "xla"."""
+    """What a compiled program's cached attention is: the kernel library's file name (its build key), or "xla"."""
     return registered_library() or "xla"
 
 
@@ -102,23 +111,58 @@ def _register() -> str | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
         detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
-        log.warning("native decode attention unavailable, using XLA's loop instead: %s", detail)
+        log.warning("native attention unavailable, using XLA's instead: %s", detail)
         return None
     return os.path.basename(path)
 
 
 def applies(q: jax.Array, k_cache: jax.Array) -> bool:
-    """Whether a decode step runs the kernel: float32 on a single CPU device (a custom call has no sharding rule,
-    so on a mesh XLA would gather the cache to every device; the XLA loop runs there)."""
+    """Whether cached attention runs the kernel: float32 on a single CPU device (a custom call has no sharding
+    rule, so on a mesh XLA would gather the cache to every device; XLA's attention runs there)."""
     return (q.dtype == jnp.float32 and k_cache.dtype == jnp.float32 and jax.device_count() == 1
             and available())
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array, first: jax.Array,
            last: jax.Array, scale: float, logit_cap: float | None) -> jax.Array:
-    """Each row b's queries q [B, KVH, G, Dh] over positions [first[b], last[b]] of cache row rows[b] (k_cache
-    [S, KVH, Dh, W], v_cache [S, KVH, W, Dh]) -> [B, KVH, G, Dh]; scores q·k · scale, soft-capped at
-    `logit_cap` when given."""
+    """Each row b's query tokens q [B, KVH, T, G, Dh] over positions [first[b, t], last[b, t]] of cache row
+    rows[b] (k_cache [S, KVH, Dh, W], v_cache [S, KVH, W, Dh]) -> [B, KVH, T, G, Dh]; scores q·k · scale,
+    soft-capped at `logit_cap` when given. Differentiable: its gradient is `reference`'s (a LoRA's training
+    runs the model's forward through here)."""
+    return _attend(q, k_cache, v_cache, rows.astype(jnp.int32), first.astype(jnp.int32), last.astype(jnp.int32),
+                   float(scale), float(logit_cap or 0.0))
+
+
+def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array, first: jax.Array,
+              last: jax.Array, scale: float, cap: float) -> jax.Array:
+    """What the kernel computes, in XLA over each row's whole cache row (its gradient is the kernel's; cap 0:
+    none)."""
+    k, v = k_cache[rows], v_cache[rows]  # [B, KVH, Dh, W], [B, KVH, W, Dh]
+    scores = jnp.einsum("bktgd,bkdw->bktgw", q, k, preferred_element_type=jnp.float32) * scale
+    if cap > 0:
+        scores = cap * jnp.tanh(scores / cap)
+    position = jnp.arange(k.shape[-1])
+    seen = (position >= first[..., None]) & (position <= last[..., None])  # [B, T, W]
+    scores = jnp.where(seen[:, None, :, None, :], scores, np.finfo(np.float32).min)
+    return jnp.einsum("bktgw,bkwd->bktgd", jax.nn.softmax(scores, axis=-1), v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attend(q, k_cache, v_cache, rows, first, last, scale: float, cap: float) -> jax.Array:
+    """The kernel's custom call (cap 0: none)."""
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_cache, v_cache, rows.astype(jnp.int32), first.astype(jnp.int32), last.astype(jnp.int32),
-                scale=np.float32(scale), cap=np.float32(logit_cap or 0.0))
+    return call(q, k_cache, v_cache, rows, first, last, scale=np.float32(scale), cap=np.float32(cap))
+
+
+def _attend_forward(q, k_cache, v_cache, rows, first, last, scale, cap):
+    return _attend(q, k_cache, v_cache, rows, first, last, scale, cap), (q, k_cache, v_cache, rows, first, last)
+
+
+def _attend_backward(scale, cap, residuals, grad):
+    """The cotangents of q, k_cache and v_cache through `reference` (none for the integer operands)."""
+    q, k_cache, v_cache, rows, first, last = residuals
+    _, pullback = jax.vjp(lambda q, k, v: reference(q, k, v, rows, first, last, scale, cap), q, k_cache, v_cache)
+    return (*pullback(grad), None, None, None)
+
+
+_attend.defvjp(_attend_forward, _attend_backward)

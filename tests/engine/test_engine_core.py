@@ -570,9 +570,9 @@ def test_the_background_warmup_builds_each_sampler_before_its_decode_steps(tiny_
         assert len(order) == len(set(order)) and built == set(engine.program_keys())
 
 
-def test_decode_steps_attend_through_the_native_kernel_and_prefill_chunks_do_not(tiny_llm):
-    """On one CPU device in float32 the engine's decode program attends through the native kernel (its custom
-    call is in the lowered program); a prefill chunk attends the dense window in XLA."""
+def test_every_model_call_attends_through_the_native_kernel(tiny_llm):
+    """On one CPU device in float32 every program that runs the model (decode steps, prefill chunks, layer spans)
+    attends through the native kernel, once per layer (its custom call is in the lowered program)."""
     import shutil
 
     from jaxgen.models import native_attention
@@ -581,10 +581,11 @@ def test_decode_steps_attend_through_the_native_kernel_and_prefill_chunks_do_not
         pytest.skip("no C++ compiler: the kernel cannot be built here")
     with tiny_engine_llm(tiny_llm) as llm:
         keys = llm.engine.program_keys()
-        decode = next(k for k in keys if k[0] == "decode")
-        prefill = next(k for k in keys if k[0] == "prefill")
-        assert native_attention.TARGET in llm.engine._lower(decode).as_text()
-        assert native_attention.TARGET not in llm.engine._lower(prefill).as_text()
+        for kind in ("decode", "prefill", "span"):
+            key = next(k for k in keys if k[0] == kind)
+            calls = llm.engine._lower(key).as_text().count(f"@{native_attention.TARGET}(")
+            layers = range(*llm.engine.layer_span_bounds()[key[1]]) if kind == "span" else range(llm.cfg.num_layers)
+            assert calls == len(layers), key
 
 
 def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):
