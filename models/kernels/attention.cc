@@ -135,7 +135,7 @@ using TileFn = void (*)(const float*, const float*, const float*, float*, const 
 constexpr TileFn kTiles[kTile] = {AttendTile<1>, AttendTile<2>, AttendTile<3>, AttendTile<4>, AttendTile<5>,
                                   AttendTile<6>};
 
-// The pairs still to run and how many are done, shared by every worker of one call (a worker scheduled on a
+// The units still to run and how many are done, shared by every worker of one call (a worker scheduled on a
 // busy pool may start after the call has returned: it then finds no unit left and touches nothing else).
 struct Work {
   std::atomic<int64_t> next{0};
