@@ -57,11 +57,6 @@ def inputs(rows: int, max_position: int, rng):
         rng.integers(1, max_position, (rows, 1)), jnp.int32)
 
 
-def xla_loop(q, k_cache, v_cache, rows, positions):
-    """XLA's decode attention, `layers.attend_rows` (its block loop) without a sliding window: -> [B, 1, H·Dh]."""
-    return layers.attend_rows(CFG, q, k_cache, v_cache, rows, positions, CACHE_LEN, None)
-
-
 def chunk_inputs(end: int, rng):
     """q [8, 64, H, Dh] of the 8 chunks ending at position `end` of cache row 0, rows [8], positions [8, 64]."""
     q = jnp.asarray(rng.standard_normal((8, 64, CFG.num_heads, CFG.head_dim)), jnp.float32)
@@ -99,8 +94,8 @@ def main() -> None:
     print(machine())
     if not native_attention.available():
         raise SystemExit("the native kernel is not available here (see the warning above)")
-    native = jax.jit(lambda q, k, v, r, p: layers.attend_native(CFG, q, k, v, r, p, CACHE_LEN, None))
-    xla = jax.jit(xla_loop)
+    native = jax.jit(functools.partial(layers.attend_native, CFG, kv_len=CACHE_LEN, window=None))
+    xla = jax.jit(functools.partial(layers.attend_rows, CFG, kv_len=CACHE_LEN, window=None))
     rng = np.random.default_rng(0)
     print(f"{'rows':>5} {'K/V MB':>7} {'XLA ms':>8} {'native ms':>10} {'XLA GB/s':>9} {'native GB/s':>12} {'ratio':>6}")
     for rows in (int(r) for r in args.rows.split(",")):

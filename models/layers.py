@@ -8,6 +8,7 @@ whole attended cache every step, 1.8-2.4x slower attention at 8 slots × 512 pos
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -91,8 +92,12 @@ def attended_span(q_pos: jax.Array, kv_len: int, window: int | None) -> tuple[ja
     window's start (or 0) to its own position; a token past `kv_len` (padding, or an idle slot at the spare
     position) attends position 0 alone."""
     last = jnp.where(q_pos < kv_len, q_pos, 0)
-    first = jnp.zeros_like(last) if window is None else jnp.maximum(last - window + 1, 0)
-    return first, last
+    return window_start(last, window), last
+
+
+def window_start(last: jax.Array, window: int | None) -> jax.Array:
+    """The first position a query at `last` attends: its sliding window's start, or 0."""
+    return jnp.zeros_like(last) if window is None else jnp.maximum(last - window + 1, 0)
 
 
 def attend_native(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,
@@ -100,14 +105,38 @@ def attend_native(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: j
                   logit_cap: float | None = None) -> jax.Array:
     """`attend` of q [B, T, H, Dh] at q_pos [B, T] over cache row `rows[b]`, through the native kernel
     (`native_attention`): each query token reads only the positions it sees (`attended_span`), so a decode
-    step costs what its rows hold and a prompt chunk its causal triangle, not the whole window -> [B, T, H·Dh]."""
+    step costs what its rows hold and a prompt chunk its causal triangle, not the whole window -> [B, T, H·Dh].
+    Differentiable (a LoRA's training runs through it): the gradient is `attend`'s over each row's whole
+    cache row, where a token at `last` sees exactly the kernel's [first, last]."""
+    _, last = attended_span(q_pos, kv_len, window)
+    return _attend_native(cfg, window, scale, logit_cap, q, k_cache, v_cache, rows, last)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _attend_native(cfg: ModelConfig, window, scale, logit_cap, q, k_cache, v_cache, rows, last):
+    """The kernel's call for `attend_native`, its tokens' positions [first, last] from `last` [B, T]."""
     b, t, _, dh = q.shape
     kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, kvh, groups, dh).transpose(0, 2, 1, 3, 4)  # [B, KVH, T, G, Dh]
     factor = 1.0 / np.sqrt(dh) if scale is None else scale
-    out = native_attention.attend(q, k_cache, v_cache, rows, *attended_span(q_pos, kv_len, window), factor,
-                                  logit_cap)
+    out = native_attention.attend(q, k_cache, v_cache, rows, window_start(last, window), last, factor, logit_cap)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.num_heads * dh)
+
+
+def _attend_native_forward(cfg, window, scale, logit_cap, q, k_cache, v_cache, rows, last):
+    out = _attend_native(cfg, window, scale, logit_cap, q, k_cache, v_cache, rows, last)
+    return out, (q, k_cache, v_cache, rows, last)
+
+
+def _attend_native_backward(cfg, window, scale, logit_cap, residuals, grad):
+    """The cotangents of q and both caches through `attend` (none for the integer operands)."""
+    q, k_cache, v_cache, rows, last = residuals
+    _, pullback = jax.vjp(lambda q, k, v: attend(cfg, q, k[rows], v[rows], last, window, scale, logit_cap),
+                          q, k_cache, v_cache)
+    return (*pullback(grad), None, None)
+
+
+_attend_native.defvjp(_attend_native_forward, _attend_native_backward)
 
 
 def attend_rows(cfg: ModelConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array,

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 
 import jax
@@ -52,28 +53,26 @@ def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     with open(SOURCE, "rb") as f:
         source = f.read()
-    parts = (source, " ".join(FLAGS + LINK_FLAGS).encode(), version.encode(), jax.__version__.encode(), _cpu_description().encode())
+    parts = (source, " ".join(FLAGS + LINK_FLAGS).encode(), version.encode(), jax.__version__.encode(),
+             _cpu_description().encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
 def _library() -> str:
-    """The path of the built kernel library, compiling it first when this machine has none (written through a
-    temporary file and a rename, so processes building at once never load half a file)."""
+    """The path of the built kernel library, compiling it first when this machine has none (built in a temporary
+    directory beside it and renamed into place, so processes building at once never load half a file)."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     path = os.path.join(cache_root(), "kernels", f"attention-{_build_key(compiler)}.so")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", SOURCE, "-o", f"{tmp}.o"],
-                           check=True, capture_output=True, text=True)
-            subprocess.run([compiler, *LINK_FLAGS, f"{tmp}.o", "-o", tmp], check=True, capture_output=True, text=True)
-        finally:
-            if os.path.exists(f"{tmp}.o"):
-                os.remove(f"{tmp}.o")
-        os.replace(tmp, path)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as work:
+            obj, lib = os.path.join(work, "attention.o"), os.path.join(work, "attention.so")
+            subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", SOURCE, "-o", obj], check=True,
+                           capture_output=True, text=True)
+            subprocess.run([compiler, *LINK_FLAGS, obj, "-o", lib], check=True, capture_output=True, text=True)
+            os.replace(lib, path)
     return path
 
 
@@ -127,42 +126,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array
            last: jax.Array, scale: float, logit_cap: float | None) -> jax.Array:
     """Each row b's query tokens q [B, KVH, T, G, Dh] over positions [first[b, t], last[b, t]] of cache row
     rows[b] (k_cache [S, KVH, Dh, W], v_cache [S, KVH, W, Dh]) -> [B, KVH, T, G, Dh]; scores q·k · scale,
-    soft-capped at `logit_cap` when given. Differentiable: its gradient is `reference`'s (a LoRA's training
-    runs the model's forward through here)."""
-    return _attend(q, k_cache, v_cache, rows.astype(jnp.int32), first.astype(jnp.int32), last.astype(jnp.int32),
-                   float(scale), float(logit_cap or 0.0))
-
-
-def reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: jax.Array, first: jax.Array,
-              last: jax.Array, scale: float, cap: float) -> jax.Array:
-    """What the kernel computes, in XLA over each row's whole cache row (its gradient is the kernel's; cap 0:
-    none)."""
-    k, v = k_cache[rows], v_cache[rows]  # [B, KVH, Dh, W], [B, KVH, W, Dh]
-    scores = jnp.einsum("bktgd,bkdw->bktgw", q, k, preferred_element_type=jnp.float32) * scale
-    if cap > 0:
-        scores = cap * jnp.tanh(scores / cap)
-    position = jnp.arange(k.shape[-1])
-    seen = (position >= first[..., None]) & (position <= last[..., None])  # [B, T, W]
-    scores = jnp.where(seen[:, None, :, None, :], scores, np.finfo(np.float32).min)
-    return jnp.einsum("bktgw,bkwd->bktgd", jax.nn.softmax(scores, axis=-1), v)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attend(q, k_cache, v_cache, rows, first, last, scale: float, cap: float) -> jax.Array:
-    """The kernel's custom call (cap 0: none)."""
+    soft-capped at `logit_cap` when given. Not differentiable itself: `layers.attend_native` gives it XLA's
+    gradient."""
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_cache, v_cache, rows, first, last, scale=np.float32(scale), cap=np.float32(cap))
-
-
-def _attend_forward(q, k_cache, v_cache, rows, first, last, scale, cap):
-    return _attend(q, k_cache, v_cache, rows, first, last, scale, cap), (q, k_cache, v_cache, rows, first, last)
-
-
-def _attend_backward(scale, cap, residuals, grad):
-    """The cotangents of q, k_cache and v_cache through `reference` (none for the integer operands)."""
-    q, k_cache, v_cache, rows, first, last = residuals
-    _, pullback = jax.vjp(lambda q, k, v: reference(q, k, v, rows, first, last, scale, cap), q, k_cache, v_cache)
-    return (*pullback(grad), None, None, None)
-
-
-_attend.defvjp(_attend_forward, _attend_backward)
+    return call(q, k_cache, v_cache, rows.astype(jnp.int32), first.astype(jnp.int32), last.astype(jnp.int32),
+                scale=np.float32(scale), cap=np.float32(logit_cap or 0.0))

@@ -141,7 +141,7 @@ def test_a_tokens_result_does_not_depend_on_the_tokens_beside_it():
 
 
 def test_the_kernels_gradient_is_the_dense_attentions():
-    """A LoRA's training differentiates through the kernel: its gradients (through `native_attention.reference`)
+    """A LoRA's training differentiates through the kernel: its gradients (XLA's `attend` over the whole rows)
     with respect to the queries and both caches are the dense window's."""
     require_native()
     rng = np.random.default_rng(5)
