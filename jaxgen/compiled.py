@@ -23,7 +23,7 @@ from jax.experimental import serialize_executable
 import jaxgen
 import jaxgen.models
 import jaxgen.sampling
-from jaxgen.models import native_attention
+from jaxgen.models import native
 
 # Executables alive in this process, by digest: engines of the same shapes share them, and an executable is
 # never deserialized into a process that already holds it (XLA CPU then fails to find its functions). Weak:
@@ -52,10 +52,10 @@ jax.monitoring.register_event_listener(_note_jax_cache_hit)
 
 
 def source_fingerprint() -> str:
-    """A hash of the JAX build, the device, the native kernel in use and this installation's Python sources: an
+    """A hash of the JAX build, the device, the native kernels in use and this installation's Python sources: an
     executable built from other code is never loaded."""
     h = hashlib.sha256(f"{jax.__version__}|{jax.default_backend()}|{jax.devices()[0].device_kind}|"
-                       f"{native_attention.fingerprint()}".encode())
+                       f"{native.fingerprint()}".encode())
     for package in (jaxgen, jaxgen.models, jaxgen.sampling):
         directory = os.path.dirname(os.path.abspath(package.__file__))
         for name in sorted(os.listdir(directory)):
@@ -67,8 +67,8 @@ def source_fingerprint() -> str:
 
 def read_executable(path: str) -> Callable | None:
     """The executable serialized at `path`, or None (absent, damaged or foreign: rebuilt, never fatal). The
-    native kernel it may call is registered first."""
-    native_attention.available()
+    native kernels it may call are registered first."""
+    native.registered_library()
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
@@ -100,7 +100,7 @@ def preload(cache_dir: str, start: str) -> None:
     made ready first (`ProgramTable.remember_first`), while the caller loads the model: deserializing releases
     the GIL, and on 2 CPU cores the default model's covering programs (3.3 s for 9) load beside its weights (5 s).
     A stale list costs only the reading: tables take executables by digest, which names all they depend on.
-    The thread first builds the native kernel where this machine has none yet (`native_attention`, ~2 s).
+    The thread first builds the native kernels where this machine has none yet (`native`, ~3 s).
     Reads nothing in a process that has started building programs."""
     try:
         with open(first_programs_file(cache_dir, start), encoding="utf-8") as f:
@@ -115,7 +115,7 @@ def preload(cache_dir: str, start: str) -> None:
         _PRELOADED.update(futures)
 
     def run():
-        native_attention.available()
+        native.registered_library()
         for digest, future in futures.items():
             future.set_result(read_executable(os.path.join(cache_dir, f"{digest}.xla")))
     threading.Thread(target=run, name="jaxgen-preload", daemon=True).start()

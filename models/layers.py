@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import lora as lora_lib
-from . import native_attention
+from . import native_attention, native_matmul
 from .config import ModelConfig, Params
 from .weights import split_gate_up, split_qkv
 
@@ -191,6 +191,14 @@ def attend_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: ja
     return jax.lax.fori_loop(0, b, row, jnp.zeros((b, kvh, groups, dh), q.dtype))
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, K] @ w [K, N] -> [B, T, N]: through the native kernel in a decode step where it applies
+    (`native_matmul.applies`), else XLA's product."""
+    if native_matmul.applies(x, w):
+        return native_matmul.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+    return x @ w
+
+
 def with_lora(y: jax.Array, x: jax.Array, lora_layer, group: str, adapters) -> jax.Array:
     """y = x @ W of a projection, plus each row's LoRA term when its layer has adapters for `group`."""
     if lora_layer is None or group not in lora_layer:
@@ -203,7 +211,7 @@ def project_qkv(cfg: ModelConfig, layer: Params, x: jax.Array, cos, sin, lora_la
                 qk_norm: Callable | None = None):
     """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, KVH, Dh], with RoPE applied to q and k; a layer with
     `q_norm` / `k_norm` weights [Dh] normalizes each head by `qk_norm(x, weight)` before RoPE (Qwen3, Gemma 3)."""
-    qkv = with_lora(x @ layer["wqkv"], x, lora_layer, "qkv", adapters)
+    qkv = with_lora(dense(x, layer["wqkv"]), x, lora_layer, "qkv", adapters)
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"]
     q, k, v = split_qkv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)  # [B, T, H | KVH, Dh]
@@ -214,9 +222,9 @@ def project_qkv(cfg: ModelConfig, layer: Params, x: jax.Array, cos, sin, lora_la
 
 def gated_mlp(layer: Params, x: jax.Array, lora_layer=None, adapters=None, act: Callable = jax.nn.silu) -> jax.Array:
     """act(gate) · up over the fused gate/up projection, then down: SwiGLU (silu) or GeGLU (tanh gelu)."""
-    gate, up = split_gate_up(with_lora(x @ layer["w_gate_up"], x, lora_layer, "gate_up", adapters))  # [B, T, F]
+    gate, up = split_gate_up(with_lora(dense(x, layer["w_gate_up"]), x, lora_layer, "gate_up", adapters))  # [B, T, F]
     h = act(gate) * up
-    return with_lora(h @ layer["w_down"], h, lora_layer, "down", adapters)
+    return with_lora(dense(h, layer["w_down"]), h, lora_layer, "down", adapters)
 
 
 def lora_layers(lora, num_layers: int) -> list:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig, Params, base_fields_from_hf, refuse_features
-from .layers import (Cache, cached_attention, gated_mlp, init_attention_mlp, init_cache, insert, lm_head,
+from .layers import (Cache, cached_attention, dense, gated_mlp, init_attention_mlp, init_cache, insert, lm_head,
                      normal_init, project_qkv, prompt_positions, rms_norm, rope_tables, run_layers, step_of,
                      with_lora)
 from .weights import fuse_qkv, projections_from_hf
@@ -76,7 +76,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     def block(i, layer, lo, x, k_cache, v_cache):
         q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, lo, adapters, qk_norm)
         attn, k_cache, v_cache = cached_attention(cfg, q, k, v, k_cache, v_cache, step, cfg.sliding_window)
-        x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
+        x = x + with_lora(dense(attn, layer["wo"]), attn, lo, "o", adapters)
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], eps), lo, adapters)
         return x, k_cache, v_cache
     x = params["embed"][tokens] if hidden is None else hidden

@@ -29,7 +29,7 @@ from jaxgen.errors import ModelLoadError
 
 from . import gguf_loader, layers, llama
 from .config import ModelConfig, Params, base_fields_from_hf, refuse_features
-from .layers import (Cache, cached_attention, gated_mlp, project_qkv, rms_norm, rope_tables, run_layers, step_of,
+from .layers import (Cache, cached_attention, dense, gated_mlp, project_qkv, rms_norm, rope_tables, run_layers, step_of,
                      with_lora)
 
 # GGUF (llama.cpp `phi3`) -> HF names replacing the Llama table's: the fused projections stay fused.
@@ -106,7 +106,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
         def block(i, layer, lo, x, k_cache, v_cache):
             q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, lo, adapters)
             attn, k_cache, v_cache = cached_attention(cfg, q, k, v, k_cache, v_cache, step, cfg.sliding_window)
-            x = x + with_lora(attn @ layer["wo"], attn, lo, "o", adapters)
+            x = x + with_lora(dense(attn, layer["wo"]), attn, lo, "o", adapters)
             return x + gated_mlp(layer, rms_norm(x, layer["mlp_norm"], eps), lo, adapters), k_cache, v_cache
         own = {"k": cache["k"][stream * n:(stream + 1) * n], "v": cache["v"][stream * n:(stream + 1) * n]}
         h, own = run_layers(x, params, cfg, own, lora, block)

@@ -19,70 +19,33 @@
 // Attributes: scale (scores are q·k · scale), cap (soft-cap cap·tanh(s / cap) when > 0).
 // Result: out [B, KVH, T, G, Dh].
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
-#include <vector>
 
+#include "tiles.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 64;   // positions whose scores one register tile accumulates
-constexpr int64_t kWidth = 64;   // value dimensions one register tile accumulates
-constexpr int kTile = 6;         // queries per register tile (6 × 64 floats: 24 of AVX-512's 32 registers)
-constexpr int64_t kTokens = 8;   // query tokens per work unit
+using jaxgen::kLanes;
+using jaxgen::kTile;
+using jaxgen::ProductTile;
+constexpr int64_t kTokens = 8;  // query tokens per work unit
 
 struct Dims {
   int64_t rows, kv_heads, tokens, group, head_dim, width;
 };
 
-// Scores of Q queries q [Q, Dh] over `lanes` (<= kLanes) positions from `key` (rows of a transposed key
-// head, `width` apart) -> scores[g * stride + i]. With Q and LANES fixed at compile time the accumulators
-// stay in registers.
-template <int Q, int64_t LANES>
-void ScoreBlock(const float* q, const float* key, int64_t head_dim, int64_t width, int64_t lanes, float* scores,
-                int64_t stride) {
-  const int64_t n = LANES > 0 ? LANES : lanes;
-  float acc[Q][kLanes] = {};
-  for (int64_t d = 0; d < head_dim; ++d) {
-    const float* kd = key + d * width;
-    for (int g = 0; g < Q; ++g) {
-      const float qd = q[g * head_dim + d];
-      for (int64_t i = 0; i < n; ++i) acc[g][i] += qd * kd[i];
-    }
-  }
-  for (int g = 0; g < Q; ++g) std::copy(acc[g], acc[g] + n, scores + g * stride);
-}
-
-// Scores of Q queries over positions [lo, lo + n) of one head's transposed keys k [Dh, W] -> scores [Q, n].
+// Scores of Q queries q [Q, Dh] over positions [lo, lo + n) of one head's transposed keys k [Dh, W] -> scores
+// [Q, n], kLanes positions a tile.
 template <int Q>
 void Scores(const float* q, const float* k, int64_t head_dim, int64_t width, int64_t lo, int64_t n,
             float* scores) {
   int64_t l0 = 0;
-  for (; l0 + kLanes <= n; l0 += kLanes) ScoreBlock<Q, kLanes>(q, k + lo + l0, head_dim, width, kLanes, scores + l0, n);
-  if (l0 < n) ScoreBlock<Q, 0>(q, k + lo + l0, head_dim, width, n - l0, scores + l0, n);
-}
-
-// Adds Σ_i p[g * stride + i] · v[i] over n positions to out [Q, Dh], `dims` (<= kWidth) of the value rows
-// from `value` (rows `head_dim` apart).
-template <int Q, int64_t DIMS>
-void ValueBlock(const float* p, int64_t stride, const float* value, int64_t head_dim, int64_t n, int64_t dims,
-                float* out) {
-  const int64_t m = DIMS > 0 ? DIMS : dims;
-  float acc[Q][kWidth] = {};
-  for (int64_t i = 0; i < n; ++i) {
-    const float* vi = value + i * head_dim;
-    for (int g = 0; g < Q; ++g) {
-      const float pg = p[g * stride + i];
-      for (int64_t d = 0; d < m; ++d) acc[g][d] += pg * vi[d];
-    }
-  }
-  for (int g = 0; g < Q; ++g) std::copy(acc[g], acc[g] + m, out + g * head_dim);
+  for (; l0 + kLanes <= n; l0 += kLanes) ProductTile<Q, kLanes>(q, k + lo + l0, head_dim, width, kLanes, scores + l0, n);
+  if (l0 < n) ProductTile<Q, 0>(q, k + lo + l0, head_dim, width, n - l0, scores + l0, n);
 }
 
 // The softmax of one query's scores s [n], over its own positions [f, l] (offsets into s); the others get
@@ -121,9 +84,9 @@ void AttendTile(const float* q, const float* k, const float* v, float* out, cons
   for (int g = 0; g < Q; ++g) totals[g] = Softmax(scores + g * n, n, f[g] - lo, l[g] - lo, scale, cap);
   const float* value = v + lo * head_dim;
   int64_t d0 = 0;
-  for (; d0 + kWidth <= head_dim; d0 += kWidth)
-    ValueBlock<Q, kWidth>(scores, n, value + d0, head_dim, n, kWidth, out + d0);
-  if (d0 < head_dim) ValueBlock<Q, 0>(scores, n, value + d0, head_dim, n, head_dim - d0, out + d0);
+  for (; d0 + kLanes <= head_dim; d0 += kLanes)
+    ProductTile<Q, kLanes>(scores, value + d0, n, head_dim, kLanes, out + d0, head_dim);  // Σ_i p_i · v_i
+  if (d0 < head_dim) ProductTile<Q, 0>(scores, value + d0, n, head_dim, head_dim - d0, out + d0, head_dim);
   for (int g = 0; g < Q; ++g) {
     const float inv = 1.0f / totals[g];
     for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] *= inv;
@@ -134,13 +97,6 @@ using TileFn = void (*)(const float*, const float*, const float*, float*, const 
                         const int64_t*, float, float, float*);
 constexpr TileFn kTiles[kTile] = {AttendTile<1>, AttendTile<2>, AttendTile<3>, AttendTile<4>, AttendTile<5>,
                                   AttendTile<6>};
-
-// The units still to run and how many are done, shared by every worker of one call (a worker scheduled on a
-// busy pool may start after the call has returned: it then finds no unit left and touches nothing else).
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> first, ffi::Buffer<ffi::S32> last,
@@ -168,33 +124,24 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   const int64_t blocks = (dims.tokens + kTokens - 1) / kTokens;  // work units per (row, KV head)
   const int64_t units = dims.rows * dims.kv_heads * blocks;
   const int64_t q_token = dims.group * dims.head_dim, k_head = dims.head_dim * dims.width;
-  auto work = std::make_shared<Work>();
-  auto run = [=](Work& w) {
-    std::vector<float> scores(kTile * dims.width);
-    for (int64_t u = w.next.fetch_add(1); u < units; u = w.next.fetch_add(1)) {
-      const int64_t pair = u / blocks, b = pair / dims.kv_heads, h = pair % dims.kv_heads;
-      const int64_t t0 = (u % blocks) * kTokens, t1 = std::min(dims.tokens, t0 + kTokens);
-      const int64_t head = rp[b] * dims.kv_heads + h;
-      const float *kh = kp + head * k_head, *vh = vp + head * k_head;
-      const int64_t base = pair * dims.tokens * q_token;  // this pair's first query, in q and out
-      for (int64_t j0 = t0 * dims.group; j0 < t1 * dims.group; j0 += kTile) {  // queries j = token · G + head
-        const int count = static_cast<int>(std::min<int64_t>(kTile, t1 * dims.group - j0));
-        int64_t f[kTile], l[kTile];
-        for (int g = 0; g < count; ++g) {
-          const int64_t token = b * dims.tokens + (j0 + g) / dims.group;
-          f[g] = fp[token];
-          l[g] = lp[token];
-        }
-        kTiles[count - 1](qp + base + j0 * dims.head_dim, kh, vh, op + base + j0 * dims.head_dim, dims, f, l,
-                          scale, cap, scores.data());
+  jaxgen::ParallelFor(pool, units, kTile * dims.width, [=](int64_t u, float* scores) {
+    const int64_t pair = u / blocks, b = pair / dims.kv_heads, h = pair % dims.kv_heads;
+    const int64_t t0 = (u % blocks) * kTokens, t1 = std::min(dims.tokens, t0 + kTokens);
+    const int64_t head = rp[b] * dims.kv_heads + h;
+    const float *kh = kp + head * k_head, *vh = vp + head * k_head;
+    const int64_t base = pair * dims.tokens * q_token;  // this pair's first query, in q and out
+    for (int64_t j0 = t0 * dims.group; j0 < t1 * dims.group; j0 += kTile) {  // queries j = token · G + head
+      const int count = static_cast<int>(std::min<int64_t>(kTile, t1 * dims.group - j0));
+      int64_t f[kTile], l[kTile];
+      for (int g = 0; g < count; ++g) {
+        const int64_t token = b * dims.tokens + (j0 + g) / dims.group;
+        f[g] = fp[token];
+        l[g] = lp[token];
       }
-      w.done.fetch_add(1, std::memory_order_release);
+      kTiles[count - 1](qp + base + j0 * dims.head_dim, kh, vh, op + base + j0 * dims.head_dim, dims, f, l, scale,
+                        cap, scores);
     }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work, run] { run(*work); });
-  run(*work);
-  while (work->done.load(std::memory_order_acquire) < units) std::this_thread::yield();  // a helper's last unit
+  });
   return ffi::Error::Success();
 }
 

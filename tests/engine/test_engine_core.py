@@ -570,22 +570,26 @@ def test_the_background_warmup_builds_each_sampler_before_its_decode_steps(tiny_
         assert len(order) == len(set(order)) and built == set(engine.program_keys())
 
 
-def test_every_model_call_attends_through_the_native_kernel(tiny_llm):
+def test_every_model_call_runs_the_native_kernels_where_they_apply(tiny_llm):
     """On one CPU device in float32 every program that runs the model (decode steps, prefill chunks, layer spans)
-    attends through the native kernel, once per layer (its custom call is in the lowered program)."""
+    attends through the native attention kernel, once per layer, and a decode step of 2 rows or more runs its
+    four projections a layer (Q/K/V, output, gate/up, down) through the native product; a lone row's step and
+    prompt chunks use XLA's (the custom calls in the lowered programs)."""
     import shutil
 
-    from jaxgen.models import native_attention
+    from jaxgen.models import native_attention, native_matmul
 
     if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
     with tiny_engine_llm(tiny_llm) as llm:
         keys = llm.engine.program_keys()
-        for kind in ("decode", "prefill", "span"):
-            key = next(k for k in keys if k[0] == kind)
-            calls = llm.engine._lower(key).as_text().count(f"@{native_attention.TARGET}(")
+        for kind, rows in (("decode", 1), ("decode", 8), ("prefill", None), ("span", None)):
+            key = next(k for k in keys if k[0] == kind and rows in (None, k[1]))
+            text = llm.engine._lower(key).as_text()
             layers = range(*llm.engine.layer_span_bounds()[key[1]]) if kind == "span" else range(llm.cfg.num_layers)
-            assert calls == len(layers), key
+            assert text.count(f"@{native_attention.TARGET}(") == len(layers), key
+            products = 4 * len(layers) if kind == "decode" and rows > 1 else 0
+            assert text.count(f"@{native_matmul.TARGET}(") == products, key
 
 
 def test_a_decode_step_that_has_grown_is_timed_again(tiny_llm):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.models import layers, native_attention
+from jaxgen.models import layers, native, native_attention
 from jaxgen.models.config import ModelConfig
 
 CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=1, num_heads=6,
@@ -213,7 +213,7 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch
     warns, and nothing is registered or cached."""
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("JAXGEN_CACHE_DIR", str(tmp_path))
-    with caplog.at_level("WARNING", logger=native_attention.__name__):
-        assert native_attention._register() is None
+    with caplog.at_level("WARNING", logger=native.__name__):
+        assert native._register() is None
     assert "no C++ compiler (no-such-compiler)" in caplog.text
     assert not any(tmp_path.iterdir())
