@@ -29,6 +29,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using jaxgen::kAhead;
 using jaxgen::kLanes;
 using jaxgen::kTile;
 using jaxgen::ProductTile;
@@ -44,8 +45,9 @@ template <int Q>
 void Scores(const float* q, const float* k, int64_t head_dim, int64_t width, int64_t lo, int64_t n,
             float* scores) {
   int64_t l0 = 0;
-  for (; l0 + kLanes <= n; l0 += kLanes) ProductTile<Q, kLanes>(q, k + lo + l0, head_dim, width, kLanes, scores + l0, n);
-  if (l0 < n) ProductTile<Q, 0>(q, k + lo + l0, head_dim, width, n - l0, scores + l0, n);
+  for (; l0 + kLanes <= n; l0 += kLanes)
+    ProductTile<Q, kLanes>(q, head_dim, k + lo + l0, width, head_dim, kLanes, scores + l0, n, kAhead, false);
+  if (l0 < n) ProductTile<Q, 0>(q, head_dim, k + lo + l0, width, head_dim, n - l0, scores + l0, n, kAhead, false);
 }
 
 // The softmax of one query's scores s [n], over its own positions [f, l] (offsets into s); the others get
@@ -85,8 +87,9 @@ void AttendTile(const float* q, const float* k, const float* v, float* out, cons
   const float* value = v + lo * head_dim;
   int64_t d0 = 0;
   for (; d0 + kLanes <= head_dim; d0 += kLanes)
-    ProductTile<Q, kLanes>(scores, value + d0, n, head_dim, kLanes, out + d0, head_dim);  // Σ_i p_i · v_i
-  if (d0 < head_dim) ProductTile<Q, 0>(scores, value + d0, n, head_dim, head_dim - d0, out + d0, head_dim);
+    ProductTile<Q, kLanes>(scores, n, value + d0, head_dim, n, kLanes, out + d0, head_dim, kAhead, false);  // Σ p v
+  if (d0 < head_dim) ProductTile<Q, 0>(scores, n, value + d0, head_dim, n, head_dim - d0, out + d0, head_dim, kAhead,
+                                      false);
   for (int g = 0; g < Q; ++g) {
     const float inv = 1.0f / totals[g];
     for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] *= inv;

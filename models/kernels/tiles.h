@@ -17,27 +17,32 @@ constexpr int64_t kLanes = 64;  // columns one register tile accumulates
 constexpr int kTile = 6;        // rows per register tile (6 × 64 floats: 24 of AVX-512's 32 registers)
 constexpr int64_t kAhead = 16;  // rows of the panel fetched ahead of the one being read
 
-// out[g * stride + i] = Σ_d a[g * depth + d] · b[d * ld + i] for the Q rows of a [Q, depth] and `lanes`
-// (<= kLanes) columns of b (rows `ld` apart). With Q and LANES fixed at compile time the accumulators stay in
-// registers. The panel's rows lie `ld` apart, too far for the hardware's prefetcher to follow, so each step
-// asks for the row kAhead ahead (a prefetch past the end of b is harmless).
+// out[g * ldo + i] (+)= Σ_d a[g * lda + d] · b[d * ldb + i] for the Q rows of a [Q, depth] and `lanes` (<= kLanes)
+// columns of b (rows `ldb` apart): stored, or added to what out holds (`accumulate`: the sum then continues in the
+// same order, as if one call had run the whole depth). With Q and LANES fixed at compile time the accumulators
+// stay in registers. The panel's rows lie `ldb` apart, too far for the hardware's prefetcher to follow, so each
+// step asks for the row `ahead` rows on (a prefetch past the end of b is harmless).
 template <int Q, int64_t LANES>
-void ProductTile(const float* a, const float* b, int64_t depth, int64_t ld, int64_t lanes, float* out,
-                 int64_t stride) {
+void ProductTile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, int64_t lanes, float* out,
+                 int64_t ldo, int64_t ahead, bool accumulate) {
   const int64_t n = LANES > 0 ? LANES : lanes;
   float acc[Q][kLanes] = {};
+  if (accumulate) {
+    for (int g = 0; g < Q; ++g) std::copy(out + g * ldo, out + g * ldo + n, acc[g]);
+  }
   for (int64_t d = 0; d < depth; ++d) {
-    const float* bd = b + d * ld;
-    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(bd + kAhead * ld + i);
+    const float* bd = b + d * ldb;
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(bd + ahead * ldb + i);
     for (int g = 0; g < Q; ++g) {
-      const float ad = a[g * depth + d];
+      const float ad = a[g * lda + d];
       for (int64_t i = 0; i < n; ++i) acc[g][i] += ad * bd[i];
     }
   }
-  for (int g = 0; g < Q; ++g) std::copy(acc[g], acc[g] + n, out + g * stride);
+  for (int g = 0; g < Q; ++g) std::copy(acc[g], acc[g] + n, out + g * ldo);
 }
 
-using ProductFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+using ProductFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
+                          bool);
 
 // ProductTile<Q, kLanes> (whole panels) and ProductTile<Q, 0> (a last, narrower one) for Q = count.
 inline ProductFn Product(int count, bool whole) {
