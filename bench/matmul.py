@@ -1,10 +1,13 @@
-"""A decode step's projections: the native CPU product (`models/native_matmul.py`) against XLA's, in the same run.
+"""A decode step's projections: the native CPU products (`models/native_matmul.py`) over float32 weights and over
+Q4_1 blocks, against XLA's, in the same run.
 
 - The default model's 30 layers of projections (Q/K/V 576 × 960, output 576 × 576, gate/up 576 × 3,072, down
-  1,536 × 576; random float32 weights, every layer its own) in one program, at each row count: the median time,
-  the weight bytes over it, and the ratio. Both ways are checked against each other first.
+  1,536 × 576; random weights quantized to Q4_1 and their float32 dequantization, every layer its own) in one
+  program, at each row count: the median time of XLA's product, the float32 kernel and the Q4_1 kernel, the
+  bytes each reads over it, and XLA's time over each kernel's. All three are checked against each other first.
 - The default model's whole decode step (`llama.decode`, every row at position 500 of a 1,024-position window),
-  traced once with the kernel and once with JAXGEN_NATIVE_MATMUL=0 (a lone row runs XLA's product either way).
+  traced with JAXGEN_NATIVE_MATMUL=0 and JAXGEN_NATIVE_Q4_1=0 (XLA), with the Q4_1 kernel off (the float32
+  kernel: a lone row runs XLA's product) and as loaded (the Q4_1 kernel up to its rows, the float32 beyond).
 
     python bench/matmul.py [--rows 1,2,8,16,32] [--repeats 30] [--skip-model]
 """
@@ -16,48 +19,79 @@ import os
 import statistics
 import time
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.models import native_matmul
+from jaxgen.models import native, native_matmul
+from jaxgen.models.weights import BLOCKS
 
 from attention import median_ms
 from throughput import machine
 
-SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576))  # wqkv, wo, w_gate_up, w_down
+SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576))  # [K, N] of each of NAMES
+NAMES = ("wqkv", "wo", "w_gate_up", "w_down")
 LAYERS = 30
 
 
 def projections(product, x: jax.Array, weights: list) -> jax.Array:
-    """Each layer's four products in turn, x [B, 1, 576] -> [B, 1, 576] (outputs cut to the next input's width)."""
-    for wqkv, wo, w_gate_up, w_down in weights:
-        y = product(x, wqkv)
-        y = product(y[..., :576], wo)
-        y = product(y, w_gate_up)
-        x = product(y[..., :1536], w_down)
+    """Each layer's four products in turn, x [B, 1, 576] -> [B, 1, 576] (outputs cut to the next input's width);
+    `product(x, layer, name)` as `layers.dense`."""
+    for layer in weights:
+        y = product(x, layer, "wqkv")
+        y = product(y[..., :576], layer, "wo")
+        y = product(y, layer, "w_gate_up")
+        x = product(y[..., :1536], layer, "w_down")
     return x
+
+
+def random_layer(rng) -> dict:
+    """One layer's four matrices: random, quantized to Q4_1 (uint8 [N, K / 32, 20]) and dequantized ([K, N])."""
+    layer, blocks = {}, {}
+    for name, (k, n) in zip(NAMES, SHAPES):
+        q = gguf.quants.quantize(rng.standard_normal((n, k), np.float32) * 0.03, gguf.GGMLQuantizationType.Q4_1)
+        layer[name] = jnp.asarray(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).T)
+        blocks[name] = jnp.asarray(q.reshape(n, k // 32, 20))
+    return {**layer, BLOCKS: blocks}
+
+
+def xla_product(x, layer, name):
+    return x @ layer[name]
+
+
+def float32_product(x, layer, name):
+    """x [B, 1, K] @ w through the float32 kernel, whatever the rows (`layers.dense` keeps a lone row with XLA)."""
+    w = layer[name]
+    return native_matmul.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def q4_1_product(x, layer, name):
+    """x [B, 1, K] @ w through the Q4_1 kernel, whatever the rows."""
+    w = layer[name]
+    return native_matmul.matmul_q4_1(x.reshape(-1, x.shape[-1]), layer[BLOCKS][name], w).reshape(
+        *x.shape[:-1], w.shape[-1])
 
 
 def compare_projections(rows_list: list[int], repeats: int) -> None:
     rng = np.random.default_rng(0)
-    weights = [[jnp.asarray(rng.standard_normal(s, np.float32) * 0.03) for s in SHAPES] for _ in range(LAYERS)]
-    megabytes = LAYERS * sum(k * n for k, n in SHAPES) * 4 / 1e6
-    native = jax.jit(functools.partial(projections, native_matmul_product))
-    xla = jax.jit(functools.partial(projections, jnp.matmul))
-    print(f"\n{LAYERS} layers' projections ({megabytes:.0f} MB of weights)")
-    print(f"{'rows':>5} {'XLA ms':>8} {'native ms':>10} {'XLA GB/s':>9} {'native GB/s':>12} {'ratio':>6}")
+    weights = [random_layer(rng) for _ in range(LAYERS)]
+    weights_mb = LAYERS * sum(k * n for k, n in SHAPES) * 4 / 1e6
+    blocks_mb = weights_mb * 20 / 128  # 20 bytes a block of 32 weights
+    programs = {name: jax.jit(functools.partial(projections, product)) for name, product in
+                (("xla", xla_product), ("f32", float32_product), ("q4", q4_1_product))}
+    print(f"\n{LAYERS} layers' projections ({weights_mb:.0f} MB float32, {blocks_mb:.0f} MB as Q4_1 blocks)")
+    print(f"{'rows':>5} {'XLA ms':>8} {'float32 ms':>11} {'Q4_1 ms':>8} {'XLA GB/s':>9} {'f32 GB/s':>9} "
+          f"{'Q4_1 GB/s':>10} {'XLA/f32':>8} {'XLA/Q4_1':>9}")
     for rows in rows_list:
         x = jnp.asarray(rng.standard_normal((rows, 1, 576), np.float32))
-        np.testing.assert_allclose(np.asarray(native(x, weights)), np.asarray(xla(x, weights)), rtol=2e-3, atol=2e-3)
-        ours, theirs = median_ms(native, (x, weights), repeats), median_ms(xla, (x, weights), repeats)
-        print(f"{rows:>5} {theirs:>8.2f} {ours:>10.2f} {megabytes / theirs:>9.1f} {megabytes / ours:>12.1f} "
-              f"{theirs / ours:>5.2f}x")
-
-
-def native_matmul_product(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, 1, K] @ w through the kernel, whatever the rows (`layers.dense` keeps a lone row with XLA)."""
-    return native_matmul.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+        outputs = {name: np.asarray(program(x, weights)) for name, program in programs.items()}
+        for name in ("f32", "q4"):
+            np.testing.assert_allclose(outputs[name], outputs["xla"], rtol=2e-3, atol=2e-3)
+        ms = {name: median_ms(program, (x, weights), repeats) for name, program in programs.items()}
+        print(f"{rows:>5} {ms['xla']:>8.2f} {ms['f32']:>11.2f} {ms['q4']:>8.2f} {weights_mb / ms['xla']:>9.1f} "
+              f"{weights_mb / ms['f32']:>9.1f} {blocks_mb / ms['q4']:>10.1f} {ms['xla'] / ms['f32']:>7.2f}x "
+              f"{ms['xla'] / ms['q4']:>8.2f}x")
 
 
 def compare_decode_steps(rows_list: list[int], repeats: int) -> None:
@@ -65,18 +99,22 @@ def compare_decode_steps(rows_list: list[int], repeats: int) -> None:
     from jaxgen.models import llama
 
     llm = jaxgen.load(dtype=jnp.float32)
-    print("\nthe default model's decode step, window 1,024")
-    print(f"{'rows':>5} {'XLA product ms':>15} {'native ms':>10} {'ratio':>6}")
+    ways = {"XLA": {"JAXGEN_NATIVE_MATMUL": "0", "JAXGEN_NATIVE_Q4_1": "0"}, "float32": {"JAXGEN_NATIVE_Q4_1": "0"},
+            "as loaded": {}}
+    print("\nthe default model's decode step, window 1,024 (ms)")
+    print(f"{'rows':>5} {'XLA':>7} {'float32 kernel':>15} {'as loaded':>10} {'XLA/loaded':>11}")
     for rows in rows_list:
         tokens, positions = jnp.zeros((rows,), jnp.int32), jnp.full((rows,), 500, jnp.int32)
         times = {}
-        for switch in ("0", "1"):  # read when the step is traced
-            os.environ["JAXGEN_NATIVE_MATMUL"] = switch
+        for way, switches in ways.items():  # read when the step is traced
+            os.environ.update(switches)
             step = jax.jit(functools.partial(llama.decode, llm.params, llm.cfg, kv_len=1024), donate_argnums=0)
-            times[switch] = median_step_ms(step, llama.init_cache(llm.cfg, rows, 1024, jnp.float32), tokens,
-                                           positions, repeats)
-        os.environ.pop("JAXGEN_NATIVE_MATMUL")
-        print(f"{rows:>5} {times['0']:>15.1f} {times['1']:>10.1f} {times['0'] / times['1']:>5.2f}x")
+            times[way] = median_step_ms(step, llama.init_cache(llm.cfg, rows, 1024, jnp.float32), tokens,
+                                        positions, repeats)
+            for name in switches:
+                os.environ.pop(name)
+        print(f"{rows:>5} {times['XLA']:>7.1f} {times['float32']:>15.1f} {times['as loaded']:>10.1f} "
+              f"{times['XLA'] / times['as loaded']:>10.2f}x")
 
 
 def median_step_ms(step, cache, tokens, positions, repeats: int) -> float:
@@ -99,8 +137,8 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
     print(machine())
-    if not native_matmul.available():
-        raise SystemExit("the native kernel is not available here (see the warning above)")
+    if not (native_matmul.available() and native.available(native_matmul.Q4_1_TARGET)):
+        raise SystemExit("the native kernels are not available here (see the warning above)")
     rows_list = [int(r) for r in args.rows.split(",")]
     compare_projections(rows_list, args.repeats)
     if not args.skip_model:

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 
 from jaxgen.errors import ModelLoadError
 
@@ -12,6 +13,7 @@ from .config import ModelConfig
 from .config import Params
 from .family import family_for
 from .sharding import layout_for, param_shardings, place_params
+from .weights import BLOCKS, PROJECTIONS, blocks_usable, has_blocks, without_blocks
 
 CONFIG_FILE = "jaxgen_config.json"
 
@@ -22,7 +24,8 @@ def is_checkpoint(path: str) -> bool:
 
 
 def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer) -> None:
-    """Write params (Orbax), config and tokenizer under `directory`, which must not exist yet."""
+    """Write params (Orbax; a GGUF file's Q4_1 blocks too, where the layers carry them), config and tokenizer
+    under `directory`, which must not exist yet."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         raise FileExistsError(f"{directory} already exists")
@@ -32,7 +35,8 @@ def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer)
         ckpt.save(os.path.join(directory, "params"), params)
     tokenizer.save(os.path.join(directory, "tokenizer"))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"model": cfg.to_dict(), "dtype": str(jax.tree.leaves(params)[0].dtype)}, f, indent=1)
+        json.dump({"model": cfg.to_dict(), "dtype": str(params["embed"].dtype), "blocks": has_blocks(params)}, f,
+                  indent=1)
 
 
 def load_checkpoint(directory: str, dtype=None, mesh=None):
@@ -40,7 +44,8 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
 
     With `dtype` None the saved dtype is kept; otherwise the arrays are restored as `dtype`. Orbax restores each
     array sharded on `mesh` (None: one device) as `sharding.layout_for` places it; where KV heads are replicated,
-    wqkv and bqkv are restored whole and then replicated (`sharding.place_params`).
+    wqkv and bqkv are restored whole and then replicated (`sharding.place_params`). Saved Q4_1 blocks come back
+    where decode steps can read them (`weights.blocks_usable`) and are dropped elsewhere.
     """
     import orbax.checkpoint as ocp
 
@@ -59,11 +64,23 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
         shardings = jax.tree_util.tree_map_with_path(
             lambda path, s: layout.replicated if path[-1].key in ("wqkv", "bqkv") else s, shardings)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    if meta.get("blocks"):  # restored whatever the layout (Orbax restores no part of a tree), then kept or dropped
+        target = with_block_shapes(target, layout.replicated)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(directory, "params"), target)
     except Exception as e:  # orbax raises many kinds for a damaged directory
         raise ModelLoadError(f"cannot restore params from {directory}: {e}") from e
+    if meta.get("blocks") and not blocks_usable(dtype, mesh):
+        params = without_blocks(params)
     if layout.kv_replicas > 1:
         params = place_params(params, cfg, layout, extra=family.shard_specs)
     return cfg, params, Tokenizer.from_hf_dir(os.path.join(directory, "tokenizer"))
+
+
+def with_block_shapes(target, sharding):
+    """A restore target with every layer's Q4_1 blocks beside its projections: w [K, N] -> uint8 [N, K / 32, 20]."""
+    def blocks(layer):
+        return {name: jax.ShapeDtypeStruct((layer[name].shape[1], layer[name].shape[0] // 32, 20), jnp.uint8,
+                                           sharding=sharding) for name in PROJECTIONS}
+    return {**target, "layers": [{**layer, BLOCKS: blocks(layer)} for layer in target["layers"]]}

@@ -39,12 +39,14 @@ class Family:
     gguf_experts: bool = False  # its GGUF files have experts (llama.cpp stores Mixtral as `llama` with experts)
     shard_specs: tuple[tuple[str, object], ...] = ()  # (param name, PartitionSpec) beyond sharding.PARAM_SPECS
     splits_layers: Callable = lambda cfg: True  # (cfg) -> whether forward runs layer spans (`llama.forward`)
+    gguf_blocks: bool = False  # its projections are HF's q/k/v/o/gate/up/down as they are (`projections_from_hf`),
+    #                            so a GGUF file's Q4_1 blocks of them serve decode steps (`gguf_loader.q4_1_blocks`)
 
 
 LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, layers.init_cache,
                llama.init_params, llama.config_from_hf, llama.layer_from_hf,
                gguf_architectures=(("llama", "llama"), ("qwen2", "qwen2")),
-               config_from_gguf=gguf_loader.llama_config_from_gguf)
+               config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_blocks=True)
 QWEN3 = Family("qwen3", ("qwen3",), llama.forward, llama.lm_logits, layers.init_cache, qwen3.init_params,
                qwen3.config_from_hf, qwen3.layer_from_hf, gguf_architectures=(("qwen3", "qwen3"),),
                config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_tensors=qwen3.GGUF_TENSORS)

@@ -91,7 +91,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
         attn, k_cache, v_cache = cached_attention(cfg, q, k, v, k_cache, v_cache, step,
                                                   cfg.sliding_window if sliding else None, scale,
                                                   g.attn_logit_softcapping)
-        x = x + norm(with_lora(dense(attn, layer["wo"]), attn, lo, "o", adapters), layer["post_attn_norm"])
+        x = x + norm(with_lora(dense(attn, layer, "wo"), attn, lo, "o", adapters), layer["post_attn_norm"])
         mlp = gated_mlp(layer, norm(x, layer["mlp_norm"]), lo, adapters, functools.partial(jax.nn.gelu, approximate=True))
         return x + norm(mlp, layer["post_mlp_norm"]), k_cache, v_cache
     return run_layers(x, params, cfg, cache, lora, block, span)

@@ -6,13 +6,16 @@ import os
 import re
 import sys
 
-import numpy as np
 import gguf
+import jax
+import numpy as np
 
 from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
-from .weights import params_from_hf
+from .weights import BLOCKS, PROJECTIONS, blocks_usable, fuse_gate_up, fuse_qkv, fused_column_order, params_from_hf
+
+Q4_1_BYTES = 20  # a Q4_1 block of 32 weights: float16 scale and minimum, 16 bytes of nibbles
 
 # GGUF tensor names -> HF names ({i} is the layer index).
 GGUF_TO_HF = {
@@ -182,14 +185,12 @@ def hf_tensor_getter(reader: gguf.GGUFReader, cfg: ModelConfig):
 
     The family's `gguf_tensors` extend or override the Llama table, and its `gguf_fix(hf_name, array)` undoes
     what llama.cpp's converter changed (Gemma's norms stored as 1 + w). llama.cpp's converter permutes Q/K rows
-    (weights and biases) for the `llama` architecture only.
+    (weights and biases) for the `llama` architecture only (`hf_rows`).
     """
     from .family import family_for
 
     family = family_for(cfg)
-    table = {**GGUF_TO_HF, **dict(family.gguf_tensors)}
-    by_hf = {hf_name(t.name, table): t for t in reader.tensors if hf_name(t.name, table)}
-    permuted = field(reader, "general.architecture") == "llama"  # llama.cpp permutes Q/K for llama only
+    by_hf = tensors_by_hf_name(reader, cfg)
 
     def get(name: str) -> np.ndarray:
         if name not in by_hf:
@@ -197,14 +198,50 @@ def hf_tensor_getter(reader: gguf.GGUFReader, cfg: ModelConfig):
         w = dequantize(by_hf[name])
         if family.gguf_fix is not None:
             w = family.gguf_fix(name, w)
-        if not permuted:
-            return w
-        if ".q_proj." in name:
-            w = unpermute_rope_rows(w, cfg.num_heads)
-        elif ".k_proj." in name:
-            w = unpermute_rope_rows(w, cfg.num_kv_heads)
-        return w
+        return hf_rows(reader, cfg, name, w)
     return get
+
+
+def tensors_by_hf_name(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
+    """The file's tensors under their HF names (the family's `gguf_tensors` over the Llama table)."""
+    from .family import family_for
+
+    table = {**GGUF_TO_HF, **dict(family_for(cfg).gguf_tensors)}
+    return {hf_name(t.name, table): t for t in reader.tensors if hf_name(t.name, table)}
+
+
+def hf_rows(reader: gguf.GGUFReader, cfg: ModelConfig, name: str, rows: np.ndarray) -> np.ndarray:
+    """Tensor `name`'s rows [out, ...] (values or blocks) in HF's order: llama.cpp's converter permutes the Q/K
+    rows of the `llama` architecture (`unpermute_rope_rows`)."""
+    if field(reader, "general.architecture") != "llama":
+        return rows
+    if ".q_proj." in name:
+        return unpermute_rope_rows(rows, cfg.num_heads)
+    if ".k_proj." in name:
+        return unpermute_rope_rows(rows, cfg.num_kv_heads)
+    return rows
+
+
+def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.ndarray]] | None:
+    """Each layer's projections as the file stores them, {wqkv, wo, w_gate_up, w_down: uint8 [N, K / 32, 20]}, one
+    row of Q4_1 blocks per output column in our fused column order (`weights.fused_column_order`), for the decode
+    kernel (`native_matmul.matmul_q4_1`); None unless every projection of every layer is Q4_1."""
+    by_hf = tensors_by_hf_name(reader, cfg)
+    fuse = {"wqkv": lambda q, k, v: fuse_qkv(q, k, v, cfg.num_kv_heads), "w_gate_up": fuse_gate_up}
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = {}
+        for ours, theirs in PROJECTIONS.items():
+            names = [f"model.layers.{i}.{t}.weight" for t in theirs]
+            tensors = [by_hf.get(name) for name in names]
+            if any(t is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_1 for t in tensors):
+                return None
+            parts = [hf_rows(reader, cfg, name, np.asarray(t.data).reshape(len(t.data), -1, Q4_1_BYTES))
+                     for name, t in zip(names, tensors)]
+            rows = np.concatenate(parts)
+            layer[ours] = rows[fused_column_order(fuse[ours], [len(p) for p in parts])] if ours in fuse else rows
+        layers.append(layer)
+    return layers
 
 
 def load_gguf(path, dtype, mesh=None):
@@ -217,6 +254,17 @@ def load_gguf(path, dtype, mesh=None):
     try:
         params = params_from_hf(cfg, hf_tensor_getter(reader, cfg), dtype, desc=f"loading {os.path.basename(path)}",
                                mesh=mesh)
+        blocks = q4_1_blocks(reader, cfg) if keeps_blocks(cfg, dtype, mesh) else None
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {path} is damaged: {e}") from e
+    if blocks is not None:
+        params["layers"] = [{**layer, BLOCKS: jax.device_put(b)} for layer, b in zip(params["layers"], blocks)]
     return cfg, params, tokenizer
+
+
+def keeps_blocks(cfg: ModelConfig, dtype, mesh) -> bool:
+    """Whether a load keeps the file's Q4_1 blocks beside the float32 weights: where decode steps can read them
+    (`weights.blocks_usable`), for a family whose projections are HF's as they are."""
+    from .family import family_for
+
+    return family_for(cfg).gguf_blocks and blocks_usable(dtype, mesh)

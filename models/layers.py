@@ -18,7 +18,7 @@ import numpy as np
 from . import lora as lora_lib
 from . import native_attention, native_matmul
 from .config import ModelConfig, Params
-from .weights import split_gate_up, split_qkv
+from .weights import BLOCKS, split_gate_up, split_qkv
 
 MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
 ROW_BLOCK = 256  # cache positions a decode row reads at a time (`attend_blocks`)
@@ -191,11 +191,16 @@ def attend_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: ja
     return jax.lax.fori_loop(0, b, row, jnp.zeros((b, kvh, groups, dh), q.dtype))
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, T, K] @ w [K, N] -> [B, T, N]: through the native kernel in a decode step where it applies
-    (`native_matmul.applies`), else XLA's product."""
+def dense(x: jax.Array, layer: Params, name: str) -> jax.Array:
+    """x [B, T, K] @ layer[name] [K, N] -> [B, T, N]. In a decode step: from the matrix's Q4_1 blocks where the
+    layer carries them and that kernel applies (`native_matmul.applies_q4_1`), else through the float32 kernel
+    where it applies (`native_matmul.applies`); otherwise XLA's product."""
+    w, blocks = layer[name], layer.get(BLOCKS, {}).get(name)
+    rows = x.reshape(-1, x.shape[-1])
+    if blocks is not None and native_matmul.applies_q4_1(x, blocks):
+        return native_matmul.matmul_q4_1(rows, blocks, w).reshape(*x.shape[:-1], w.shape[-1])
     if native_matmul.applies(x, w):
-        return native_matmul.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+        return native_matmul.matmul(rows, w).reshape(*x.shape[:-1], w.shape[-1])
     return x @ w
 
 
@@ -211,7 +216,7 @@ def project_qkv(cfg: ModelConfig, layer: Params, x: jax.Array, cos, sin, lora_la
                 qk_norm: Callable | None = None):
     """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, KVH, Dh], with RoPE applied to q and k; a layer with
     `q_norm` / `k_norm` weights [Dh] normalizes each head by `qk_norm(x, weight)` before RoPE (Qwen3, Gemma 3)."""
-    qkv = with_lora(dense(x, layer["wqkv"]), x, lora_layer, "qkv", adapters)
+    qkv = with_lora(dense(x, layer, "wqkv"), x, lora_layer, "qkv", adapters)
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"]
     q, k, v = split_qkv(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)  # [B, T, H | KVH, Dh]
@@ -222,9 +227,9 @@ def project_qkv(cfg: ModelConfig, layer: Params, x: jax.Array, cos, sin, lora_la
 
 def gated_mlp(layer: Params, x: jax.Array, lora_layer=None, adapters=None, act: Callable = jax.nn.silu) -> jax.Array:
     """act(gate) · up over the fused gate/up projection, then down: SwiGLU (silu) or GeGLU (tanh gelu)."""
-    gate, up = split_gate_up(with_lora(dense(x, layer["w_gate_up"]), x, lora_layer, "gate_up", adapters))  # [B, T, F]
+    gate, up = split_gate_up(with_lora(dense(x, layer, "w_gate_up"), x, lora_layer, "gate_up", adapters))  # [B, T, F]
     h = act(gate) * up
-    return with_lora(dense(h, layer["w_down"]), h, lora_layer, "down", adapters)
+    return with_lora(dense(h, layer, "w_down"), h, lora_layer, "down", adapters)
 
 
 def lora_layers(lora, num_layers: int) -> list:

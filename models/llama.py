@@ -76,7 +76,7 @@ def forward(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, p
     def block(i, layer, lo, x, k_cache, v_cache):
         q, k, v = project_qkv(cfg, layer, rms_norm(x, layer["attn_norm"], eps), cos, sin, lo, adapters, qk_norm)
         attn, k_cache, v_cache = cached_attention(cfg, q, k, v, k_cache, v_cache, step, cfg.sliding_window)
-        x = x + with_lora(dense(attn, layer["wo"]), attn, lo, "o", adapters)
+        x = x + with_lora(dense(attn, layer, "wo"), attn, lo, "o", adapters)
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], eps), lo, adapters)
         return x, k_cache, v_cache
     x = params["embed"][tokens] if hidden is None else hidden

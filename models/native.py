@@ -3,7 +3,7 @@ compiler (`$CXX`, else `c++`) on first use and kept under $JAXGEN_CACHE_DIR (els
 by its sources, flags, compiler, JAX and CPU, then registered with XLA once per process.
 
 Each kernel has its own module, which says where it applies: `native_attention` (cached attention) and
-`native_matmul` (a decode step's projections). Each can be switched off alone (`switched_on`); where the build
+`native_matmul` (a decode step's projections, over float32 weights or a GGUF file's Q4_1 blocks). Each can be switched off alone (`switched_on`); where the build
 fails (with a warning) or off the CPU, XLA's own operations run instead.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ SOURCES = tuple(sorted(glob.glob(os.path.join(KERNELS, "*.cc"))))
 HEADERS = tuple(sorted(glob.glob(os.path.join(KERNELS, "*.h"))))
 # FFI target -> the handler symbol the library exports, and the variable that switches it off ("0").
 TARGETS = {"jaxgen_attention": ("JaxgenAttention", "JAXGEN_NATIVE_ATTENTION"),
-           "jaxgen_matmul": ("JaxgenMatmul", "JAXGEN_NATIVE_MATMUL")}
+           "jaxgen_matmul": ("JaxgenMatmul", "JAXGEN_NATIVE_MATMUL"),
+           "jaxgen_matmul_q4_1": ("JaxgenMatmulQ41", "JAXGEN_NATIVE_Q4_1")}
 # fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros. It is
 # given to the compile step alone: linked with it, the library would carry crtfastmath's constructor, which sets
 # flush-to-zero for the whole process on load (numpy's subnormals, and every other library's, would read 0).

@@ -2,7 +2,7 @@
 shares here, each family's layer tensors in its own module (`Family.layer_from_hf`)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +12,10 @@ from .config import ModelConfig
 from .config import Params
 
 TensorGetter = Callable[[str], np.ndarray]
+# Our projections -> the HF modules they hold, in the order `projections_from_hf` fuses them.
+PROJECTIONS = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "wo": ("self_attn.o_proj",),
+               "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"), "w_down": ("mlp.down_proj",)}
+BLOCKS = "q4_1"  # a layer's key for its projections' GGUF Q4_1 blocks, {name: uint8 [N, K / 32, 20]}, where kept
 
 
 def _xp(*arrays):
@@ -49,6 +53,33 @@ def split_gate_up(fused):
     """Inverse of `fuse_gate_up`: [..., 2·F] -> (gate, up) [..., F]."""
     x = fused.reshape(*fused.shape[:-1], -1, 2)
     return x[..., 0], x[..., 1]
+
+
+def fused_column_order(fuse: Callable, widths: Sequence[int]) -> np.ndarray:
+    """Where each column of `fuse(*parts)` comes from, as an index into the parts' concatenation: parts of
+    `widths` columns. Puts anything stored one row per output column (GGUF's blocks) in the fused order."""
+    ids = np.arange(sum(widths))[None]
+    return fuse(*np.split(ids, np.cumsum(widths)[:-1], axis=1))[0]
+
+
+def without_blocks(params: Params) -> Params:
+    """`params` without the layers' quantized copies (`BLOCKS`): the float32 weights alone."""
+    return {**params, "layers": [{k: v for k, v in layer.items() if k != BLOCKS} for layer in params["layers"]]}
+
+
+def has_blocks(params: Params) -> bool:
+    """Whether the layers carry their projections' Q4_1 blocks (`BLOCKS`)."""
+    return BLOCKS in params["layers"][0]
+
+
+def blocks_usable(dtype, mesh) -> bool:
+    """Whether decode steps can read Q4_1 blocks (`native_matmul.applies_q4_1`): float32 weights on one CPU
+    device (`mesh`: anything `jaxgen.mesh.make_mesh` takes)."""
+    import jax
+
+    from jaxgen.mesh import make_mesh
+
+    return np.dtype(dtype) == np.float32 and make_mesh(mesh).size == 1 and jax.default_backend() == "cpu"
 
 
 def projections_from_hf(get: TensorGetter, prefix: str, num_kv_heads: int) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def test_the_gradient_is_the_plain_products():
     x, w = operands(1, 4, 48, 40)
     x3 = jnp.asarray(x)[:, None, :]
     assert native_matmul.applies(x3, jnp.asarray(w))
-    got = jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dense(x, w))), argnums=(0, 1))(x3, w)
+    got = jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dense(x, {"w": w}, "w"))), argnums=(0, 1))(x3, w)
     want = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), argnums=(0, 1))(x3, w)
     for g, ref in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-5)
@@ -67,9 +67,10 @@ def test_dense_runs_the_kernel_for_decode_steps_of_two_to_max_rows(shape, native
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((48, 80)).astype(np.float32))
-    lowered = jax.jit(layers.dense).lower(x, w).as_text()
+    lowered = jax.jit(layers.dense, static_argnums=2).lower(x, {"w": w}, "w").as_text()
     assert (f"@{native_matmul.TARGET}(" in lowered) == native
-    np.testing.assert_allclose(np.asarray(layers.dense(x, w)), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers.dense(x, {"w": w}, "w")), np.asarray(x) @ np.asarray(w), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_the_kernel_refuses_operands_whose_shapes_disagree():
