@@ -49,12 +49,12 @@ LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_l
                config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_blocks=True)
 QWEN3 = Family("qwen3", ("qwen3",), llama.forward, llama.lm_logits, layers.init_cache, qwen3.init_params,
                qwen3.config_from_hf, qwen3.layer_from_hf, gguf_architectures=(("qwen3", "qwen3"),),
-               config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_tensors=qwen3.GGUF_TENSORS)
+               config_from_gguf=gguf_loader.llama_config_from_gguf, gguf_tensors=qwen3.GGUF_TENSORS, gguf_blocks=True)
 GEMMA = Family("gemma", gemma.ARCHITECTURES, gemma.forward, gemma.lm_logits, layers.init_cache, gemma.init_params,
                gemma.config_from_hf, gemma.layer_from_hf,
                gguf_architectures=(("gemma2", "gemma2"), ("gemma3", "gemma3_text")),
                config_from_gguf=gemma.config_from_gguf, gguf_tensors=gemma.GGUF_TENSORS, gguf_fix=gemma.gguf_fix,
-               fields=gemma.GemmaFields)
+               fields=gemma.GemmaFields, gguf_blocks=True)
 PHI3 = Family("phi3", ("phi3",), phi3.forward, llama.lm_logits, phi3.init_cache, llama.init_params,
               phi3.config_from_hf, phi3.layer_from_hf, gguf_architectures=(("phi3", "phi3"),),
               config_from_gguf=phi3.config_from_gguf, gguf_tensors=phi3.GGUF_TENSORS, fields=phi3.Phi3Fields,

@@ -1,4 +1,5 @@
-"""Load a llama.cpp GGUF file: config from metadata, dequantized weights, tokenizer and chat template."""
+"""Load a llama.cpp GGUF file: config from metadata, dequantized weights (and the projections' Q4_1 blocks, where
+decode steps read them), tokenizer and chat template."""
 from __future__ import annotations
 
 import functools

@@ -19,6 +19,7 @@ import pytest
 import gguf_builder as gb
 from jaxgen.models import layers, native, native_matmul
 from jaxgen.models.checkpoint import load_checkpoint, save_checkpoint
+from jaxgen.models.family import family_for
 from jaxgen.models.weights import BLOCKS
 
 Q4_1 = gguf.GGMLQuantizationType.Q4_1
@@ -108,10 +109,12 @@ def projections_q4_1(name: str, w: np.ndarray):
     return gb.Q.Q4_1 if "_proj." in name else gb.Q.Q8_0
 
 
-@pytest.fixture(scope="module", params=[("llama", {}), ("llama", {"num_key_value_heads": 4}), ("qwen2", {})],
-                ids=["llama", "llama_mha", "qwen2"])
+@pytest.fixture(scope="module", params=[("llama", {}), ("llama", {"num_key_value_heads": 4}), ("qwen2", {}),
+                                        ("qwen3", {}), ("gemma2", {}), ("gemma3_text", {})],
+                ids=["llama", "llama_mha", "qwen2", "qwen3", "gemma2", "gemma3"])
 def q4_1_gguf(request, make_tiny_hf_model, tmp_path_factory):
-    """A tiny model's GGUF file with every projection in Q4_1 (llama: Q/K rows permuted as llama.cpp does)."""
+    """A tiny model's GGUF file with every projection in Q4_1 (llama: Q/K rows permuted as llama.cpp does), for
+    each family that keeps blocks (`Family.gguf_blocks`)."""
     arch, overrides = request.param
     path = tmp_path_factory.mktemp("q4_1") / f"{arch}.gguf"
     gb.write_gguf(make_tiny_hf_model(arch, **overrides), path, qtype=projections_q4_1)
@@ -131,20 +134,24 @@ def test_the_loader_keeps_blocks_that_hold_exactly_the_float32_params(q4_1_gguf)
 
 
 def test_a_decode_step_over_blocks_matches_one_over_float32_weights(q4_1_gguf, monkeypatch):
-    """The same decode step traced with the Q4_1 kernel and with it switched off: the logits agree to float32
-    rounding (only each sum's order differs), at 1 and at 8 rows."""
+    """The same decode step of the model's family traced with the Q4_1 kernel and with it switched off: the
+    logits agree to float32 rounding (only each sum's order differs), at 1 and at 8 rows."""
     import jaxgen
-    from jaxgen.models import llama
 
     llm = jaxgen.load(q4_1_gguf, dtype=jnp.float32)
+    family = family_for(llm.cfg)
+
+    def decode(cache, tokens, positions):
+        hidden, cache = family.forward(llm.params, llm.cfg, cache, tokens[:, None], positions[:, None], 16, None,
+                                       None, None)
+        return family.lm_logits(llm.params, llm.cfg, hidden[:, 0]), cache
     for rows in (1, 8):
         tokens, positions = jnp.arange(3, 3 + rows, dtype=jnp.int32), jnp.full((rows,), 5, jnp.int32)
+        cache = family.init_cache(llm.cfg, rows, 16, jnp.float32)
         logits = {}
         for switch in ("1", "0"):  # read when the step is traced
             monkeypatch.setenv("JAXGEN_NATIVE_Q4_1", switch)
-            cache = llama.init_cache(llm.cfg, rows, 16, jnp.float32)
-            lowered = jax.jit(lambda c, t, p: llama.decode(llm.params, llm.cfg, c, t, p, kv_len=16)).lower(
-                cache, tokens, positions)
+            lowered = jax.jit(lambda *a: decode(*a)).lower(cache, tokens, positions)  # a new function: traced anew
             assert (f"@{native_matmul.Q4_1_TARGET}(" in lowered.as_text()) == (switch == "1")
             logits[switch] = np.asarray(lowered.compile()(cache, tokens, positions)[0])
         np.testing.assert_allclose(logits["1"], logits["0"], rtol=1e-4, atol=1e-4)
