@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.models import native, native_matmul
-from jaxgen.models.weights import BLOCKS
+from jaxgen.models.weights import BLOCKS, Q4_1_BYTES, Q4_1_WEIGHTS
 
 from attention import median_ms
 from throughput import machine
@@ -52,7 +52,7 @@ def random_layer(rng) -> dict:
     for name, (k, n) in zip(NAMES, SHAPES):
         q = gguf.quants.quantize(rng.standard_normal((n, k), np.float32) * 0.03, gguf.GGMLQuantizationType.Q4_1)
         layer[name] = jnp.asarray(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).T)
-        blocks[name] = jnp.asarray(q.reshape(n, k // 32, 20))
+        blocks[name] = jnp.asarray(q.reshape(n, k // Q4_1_WEIGHTS, Q4_1_BYTES))
     return {**layer, BLOCKS: blocks}
 
 
@@ -77,7 +77,7 @@ def compare_projections(rows_list: list[int], repeats: int) -> None:
     rng = np.random.default_rng(0)
     weights = [random_layer(rng) for _ in range(LAYERS)]
     weights_mb = LAYERS * sum(k * n for k, n in SHAPES) * 4 / 1e6
-    blocks_mb = weights_mb * 20 / 128  # 20 bytes a block of 32 weights
+    blocks_mb = weights_mb * Q4_1_BYTES / (4 * Q4_1_WEIGHTS)
     programs = {name: jax.jit(functools.partial(projections, product)) for name, product in
                 (("xla", xla_product), ("f32", float32_product), ("q4", q4_1_product))}
     print(f"\n{LAYERS} layers' projections ({weights_mb:.0f} MB float32, {blocks_mb:.0f} MB as Q4_1 blocks)")

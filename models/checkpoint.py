@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .config import Params
 from .family import family_for
 from .sharding import layout_for, param_shardings, place_params
-from .weights import BLOCKS, PROJECTIONS, blocks_usable, has_blocks, without_blocks
+from .weights import BLOCKS, PROJECTIONS, Q4_1_BYTES, Q4_1_WEIGHTS, blocks_usable, has_blocks, without_blocks
 
 CONFIG_FILE = "jaxgen_config.json"
 
@@ -81,6 +81,6 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
 def with_block_shapes(target, sharding):
     """A restore target with every layer's Q4_1 blocks beside its projections: w [K, N] -> uint8 [N, K / 32, 20]."""
     def blocks(layer):
-        return {name: jax.ShapeDtypeStruct((layer[name].shape[1], layer[name].shape[0] // 32, 20), jnp.uint8,
-                                           sharding=sharding) for name in PROJECTIONS}
+        return {name: jax.ShapeDtypeStruct((layer[name].shape[1], layer[name].shape[0] // Q4_1_WEIGHTS, Q4_1_BYTES),
+                                           jnp.uint8, sharding=sharding) for name in PROJECTIONS}
     return {**target, "layers": [{**layer, BLOCKS: blocks(layer)} for layer in target["layers"]]}

@@ -14,9 +14,7 @@ import numpy as np
 from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
-from .weights import BLOCKS, PROJECTIONS, blocks_usable, fuse_gate_up, fuse_qkv, fused_column_order, params_from_hf
-
-Q4_1_BYTES = 20  # a Q4_1 block of 32 weights: float16 scale and minimum, 16 bytes of nibbles
+from .weights import BLOCKS, PROJECTIONS, Q4_1_BYTES, blocks_usable, fused_column_order, params_from_hf
 
 # GGUF tensor names -> HF names ({i} is the layer index).
 GGUF_TO_HF = {
@@ -228,7 +226,6 @@ def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.
     row of Q4_1 blocks per output column in our fused column order (`weights.fused_column_order`), for the decode
     kernel (`native_matmul.matmul_q4_1`); None unless every projection of every layer is Q4_1."""
     by_hf = tensors_by_hf_name(reader, cfg)
-    fuse = {"wqkv": lambda q, k, v: fuse_qkv(q, k, v, cfg.num_kv_heads), "w_gate_up": fuse_gate_up}
     layers = []
     for i in range(cfg.num_layers):
         layer = {}
@@ -239,8 +236,8 @@ def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.
                 return None
             parts = [hf_rows(reader, cfg, name, np.asarray(t.data).reshape(len(t.data), -1, Q4_1_BYTES))
                      for name, t in zip(names, tensors)]
-            rows = np.concatenate(parts)
-            layer[ours] = rows[fused_column_order(fuse[ours], [len(p) for p in parts])] if ours in fuse else rows
+            order = fused_column_order(ours, [len(p) for p in parts], cfg.num_kv_heads)
+            layer[ours] = np.concatenate(parts)[order]
         layers.append(layer)
     return layers
 

@@ -34,11 +34,12 @@ from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
 from .safetensors_io import open_safetensors
-from .weights import fuse_gate_up, fuse_qkv
+from .weights import fuse_projection
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
+GROUP_PARAMS = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}  # the base weight of each group
 MODULE_PATH = {t: ("self_attn." if t in GROUPS["qkv"] + GROUPS["o"] else "mlp.") + t for t in TARGETS}
 ATTENTION_TARGETS = GROUPS["qkv"] + GROUPS["o"]
 # Modules that are one fused projection in the checkpoint (Phi-3): read as their members, A shared by all of
@@ -233,13 +234,9 @@ def stack_adapters(cfg: ModelConfig, adapters: Sequence[LoraAdapter], dtype, ran
 
 def fuse_outputs(cfg: ModelConfig, group: str, parts: Sequence):
     """A group's per-member output blocks [..., out_member] (in GROUPS order, every member) fused along the last
-    axis in the order of the fused base weight (`weights.fuse_qkv`, `weights.fuse_gate_up`): what a LoRA B
+    axis in the order of the fused base weight (`weights.fuse_projection`): what a LoRA B
     matrix of the group must follow, so its columns land on its own projection's (and shard with them)."""
-    if group == "qkv":
-        return fuse_qkv(*parts, cfg.num_kv_heads)
-    if group == "gate_up":
-        return fuse_gate_up(*parts)
-    return parts[0]
+    return fuse_projection(GROUP_PARAMS[group], parts, cfg.num_kv_heads)
 
 
 def num_adapters(lora: Lora | None) -> int:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from . import native
+from .weights import Q4_1_WEIGHTS
 
 TARGET, Q4_1_TARGET = "jaxgen_matmul", "jaxgen_matmul_q4_1"
 MIN_ROWS, MAX_ROWS = 2, 32  # the decode rows it runs for: outside, XLA's product is as fast (1 row: faster)
@@ -43,7 +44,7 @@ def applies_q4_1(x: jax.Array, blocks: jax.Array) -> bool:
     """Whether x [B, T, K] runs the Q4_1 kernel over `blocks` [N, K / 32, 20]: a decode step (T = 1) of 1 to
     Q4_1_MAX_ROWS rows, float32, on a single CPU device."""
     return (x.ndim == 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= Q4_1_MAX_ROWS and x.dtype == jnp.float32
-            and blocks.ndim == 3 and blocks.shape[1] * 32 == x.shape[-1] and jax.device_count() == 1
+            and blocks.ndim == 3 and blocks.shape[1] * Q4_1_WEIGHTS == x.shape[-1] and jax.device_count() == 1
             and native.available(Q4_1_TARGET))
 
 

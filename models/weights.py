@@ -12,10 +12,11 @@ from .config import ModelConfig
 from .config import Params
 
 TensorGetter = Callable[[str], np.ndarray]
-# Our projections -> the HF modules they hold, in the order `projections_from_hf` fuses them.
+# Our projections -> the HF modules they hold, in the order `fuse_projection` fuses them.
 PROJECTIONS = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "wo": ("self_attn.o_proj",),
                "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"), "w_down": ("mlp.down_proj",)}
 BLOCKS = "q4_1"  # a layer's key for its projections' GGUF Q4_1 blocks, {name: uint8 [N, K / 32, 20]}, where kept
+Q4_1_WEIGHTS, Q4_1_BYTES = 32, 20  # a Q4_1 block: 32 weights of one column in float16 d and m, then 16 nibble bytes
 
 
 def _xp(*arrays):
@@ -55,11 +56,12 @@ def split_gate_up(fused):
     return x[..., 0], x[..., 1]
 
 
-def fused_column_order(fuse: Callable, widths: Sequence[int]) -> np.ndarray:
-    """Where each column of `fuse(*parts)` comes from, as an index into the parts' concatenation: parts of
-    `widths` columns. Puts anything stored one row per output column (GGUF's blocks) in the fused order."""
+def fused_column_order(name: str, widths: Sequence[int], num_kv_heads: int) -> np.ndarray:
+    """Where each column of projection `name` comes from, as an index into its HF parts' concatenation: parts of
+    `widths` columns (`fuse_projection`). Puts anything stored one row per output column (GGUF's blocks) in the
+    fused order."""
     ids = np.arange(sum(widths))[None]
-    return fuse(*np.split(ids, np.cumsum(widths)[:-1], axis=1))[0]
+    return fuse_projection(name, np.split(ids, np.cumsum(widths)[:-1], axis=1), num_kv_heads)[0]
 
 
 def without_blocks(params: Params) -> Params:
@@ -82,13 +84,22 @@ def blocks_usable(dtype, mesh) -> bool:
     return np.dtype(dtype) == np.float32 and make_mesh(mesh).size == 1 and jax.default_backend() == "cpu"
 
 
+def fuse_projection(name: str, parts: Sequence, num_kv_heads: int):
+    """Projection `name` from its HF parts ([..., out] each, in `PROJECTIONS` order): Q/K/V by `fuse_qkv`, gate/up
+    by `fuse_gate_up`, a lone part as it is."""
+    if name == "wqkv":
+        return fuse_qkv(*parts, num_kv_heads)
+    if name == "w_gate_up":
+        return fuse_gate_up(*parts)
+    (part,) = parts
+    return part
+
+
 def projections_from_hf(get: TensorGetter, prefix: str, num_kv_heads: int) -> dict[str, np.ndarray]:
-    """A layer's attention and gated-MLP matrices, HF's separate projections fused (`fuse_qkv`, `fuse_gate_up`)
-    and transposed to [in, out]: wqkv [D, (H + 2·KVH)·Dh], wo [H·Dh, D], w_gate_up [D, 2·F], w_down [F, D]."""
-    q, k, v = (get(prefix + f"self_attn.{n}_proj.weight").T for n in ("q", "k", "v"))
-    return {"wqkv": fuse_qkv(q, k, v, num_kv_heads), "wo": get(prefix + "self_attn.o_proj.weight").T,
-            "w_gate_up": fuse_gate_up(get(prefix + "mlp.gate_proj.weight").T, get(prefix + "mlp.up_proj.weight").T),
-            "w_down": get(prefix + "mlp.down_proj.weight").T}
+    """A layer's attention and gated-MLP matrices, HF's separate projections fused (`fuse_projection`) and
+    transposed to [in, out]: wqkv [D, (H + 2·KVH)·Dh], wo [H·Dh, D], w_gate_up [D, 2·F], w_down [F, D]."""
+    return {ours: fuse_projection(ours, [get(f"{prefix}{t}.weight").T for t in theirs], num_kv_heads)
+            for ours, theirs in PROJECTIONS.items()}
 
 
 def params_from_hf(cfg: ModelConfig, get: TensorGetter, dtype, desc: str = "loading", mesh=None) -> Params:
