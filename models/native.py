@@ -32,6 +32,9 @@ HEADERS = tuple(sorted(glob.glob(os.path.join(KERNELS, "*.h"))))
 TARGETS = {"jaxgen_attention": ("JaxgenAttention", "JAXGEN_NATIVE_ATTENTION"),
            "jaxgen_matmul": ("JaxgenMatmul", "JAXGEN_NATIVE_MATMUL"),
            "jaxgen_matmul_q4_1": ("JaxgenMatmulQ41", "JAXGEN_NATIVE_Q4_1")}
+# CPU features (Linux's /proc/cpuinfo flags) a kernel is written for; elsewhere its source builds to a handler
+# that refuses, and the kernel counts as off.
+CPU_FEATURES = {"jaxgen_matmul_q4_1": ("avx512f", "f16c")}
 # fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros. It is
 # given to the compile step alone: linked with it, the library would carry crtfastmath's constructor, which sets
 # flush-to-zero for the whole process on load (numpy's subnormals, and every other library's, would read 0).
@@ -82,8 +85,10 @@ def _library() -> str:
 
 
 def switched_on(target: str) -> bool:
-    """Whether kernel `target` may run here: on the CPU, and not switched off by its variable."""
-    return os.environ.get(TARGETS[target][1], "1") != "0" and jax.default_backend() == "cpu"
+    """Whether kernel `target` may run here: on the CPU, one with the features it needs, and not switched off by
+    its variable."""
+    return (os.environ.get(TARGETS[target][1], "1") != "0" and jax.default_backend() == "cpu"
+            and set(CPU_FEATURES.get(target, ())) <= set(_cpu_description().split()))
 
 
 def available(target: str) -> bool:

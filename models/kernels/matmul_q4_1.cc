@@ -10,7 +10,12 @@
 // kColumns, run in parallel on XLA's intra-op thread pool; each column's blocks are one contiguous stream.
 //
 // Operands: x float32 [M, K]; w uint8 [N, K / 32, 20] (a column's blocks in k order). Result: y float32 [M, N].
+// Written for AVX-512 with F16C: built for any other CPU, the handler refuses every call (`native.CPU_FEATURES`
+// keeps the kernel off there, so the other kernels of the library still build and run).
+#if defined(__AVX512F__) && defined(__F16C__)
 #include <immintrin.h>
+#define JAXGEN_Q4_1_KERNEL 1
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -22,6 +27,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+#ifdef JAXGEN_Q4_1_KERNEL
 constexpr int64_t kBlock = 32;    // weights a block holds
 constexpr int64_t kBytes = 20;    // bytes a block takes: d, m (float16 each), 16 bytes of nibbles
 constexpr int kRows = 8;          // rows of x one pass over a column's blocks serves
@@ -89,6 +95,11 @@ ffi::Error MatmulQ41(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   });
   return ffi::Error::Success();
 }
+#else
+ffi::Error MatmulQ41(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "the Q4_1 kernel needs AVX-512 and F16C");
+}
+#endif
 
 }  // namespace
 

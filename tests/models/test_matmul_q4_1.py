@@ -1,11 +1,13 @@
 """The Q4_1 decode kernel (`native_matmul.matmul_q4_1`) and the blocks the GGUF loader keeps for it: the product
 against NumPy's float64 one over the dequantized weights (columns and row tiles cut short); each row's bits
-whatever rows share its call; its gradient; where `layers.dense` runs it; its refusal of a mismatched shape; the
-loader's blocks holding exactly the float32 params (permuted Q/K rows, fused Q/K/V and gate/up columns), kept
-only where the kernel can use them, and kept by checkpoints; and a decode step with them against one without."""
+whatever rows share its call; its gradient; where `layers.dense` runs it; its refusal of a mismatched shape; that
+it is off, and its source still builds, on a CPU without AVX-512; the loader's blocks holding exactly the float32
+params (permuted Q/K rows, fused Q/K/V and gate/up columns), kept only where the kernel can use them, and kept by
+checkpoints; and a decode step with them against one without."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -190,3 +192,31 @@ def test_checkpoints_keep_the_blocks_where_decode_steps_read_them(q4_1_gguf, tmp
         np.testing.assert_array_equal(np.asarray(theirs), np.asarray(ours))
     _, half, _ = load_checkpoint(str(tmp_path / "ckpt"), dtype=jnp.bfloat16)
     assert all(BLOCKS not in layer for layer in half["layers"])
+
+
+def test_a_cpu_without_avx512_keeps_the_kernel_off_and_the_others_on(monkeypatch):
+    """Where /proc/cpuinfo lists no AVX-512, the Q4_1 kernel counts as off (the float32 one still runs), so a
+    decode step over blocks takes the float32 kernel instead."""
+    monkeypatch.setattr(native, "_cpu_description", lambda: "flags\t\t: fpu sse2 avx avx2 fma f16c")
+    assert not native.available(native_matmul.Q4_1_TARGET)
+    assert native_matmul.available()
+    _, blocks, w = operands(6, 1, 64, 80)
+    x = jnp.zeros((8, 1, 64), jnp.float32)
+    dense = jax.jit(lambda *a: layers.dense(*a), static_argnums=2)  # traced anew: the switch is read when tracing
+    lowered = dense.lower(x, {"w": jnp.asarray(w), BLOCKS: {"w": blocks}}, "w")
+    assert f"@{native_matmul.Q4_1_TARGET}(" not in lowered.as_text()
+    assert f"@{native_matmul.TARGET}(" in lowered.as_text()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the -march values below are x86's")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_the_source_builds_for_a_cpu_without_avx512(march, tmp_path):
+    """Built for plain x86-64 or AVX2, the source still compiles and exports its handler (one that refuses), so
+    the library, and the other kernels in it, build on such machines."""
+    compiler = shutil.which("c++")
+    obj = tmp_path / "q4_1.o"
+    subprocess.run([compiler, *(f for f in native.FLAGS if f != "-march=native"), f"-march={march}",
+                    f"-I{jax.ffi.include_dir()}", "-c", os.path.join(native.KERNELS, "matmul_q4_1.cc"), "-o",
+                    str(obj)], check=True, capture_output=True, text=True)
+    symbols = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
+    assert "JaxgenMatmulQ41" in symbols
