@@ -1,13 +1,16 @@
-"""A decode step's projections: the native CPU products (`models/native_matmul.py`) over float32 weights and over
-Q4_1 blocks, against XLA's, in the same run.
+"""A decode step's products: the native CPU kernels (`models/native_matmul.py`) over float32 weights, over Q4_1
+blocks and over a Q8_0 LM head, against XLA's, in the same run.
 
 - The default model's 30 layers of projections (Q/K/V 576 × 960, output 576 × 576, gate/up 576 × 3,072, down
   1,536 × 576; random weights quantized to Q4_1 and their float32 dequantization, every layer its own) in one
   program, at each row count: the median time of XLA's product, the float32 kernel and the Q4_1 kernel, the
   bytes each reads over it, and XLA's time over each kernel's. All three are checked against each other first.
+- The default model's LM head (its tied 49,152 × 576 embeddings, random, quantized to Q8_0): XLA's product against
+  the Q8_0 kernel, at each row count.
 - The default model's whole decode step (`llama.decode`, every row at position 500 of a 1,024-position window),
-  traced with JAXGEN_NATIVE_MATMUL=0 and JAXGEN_NATIVE_Q4_1=0 (XLA), with the Q4_1 kernel off (the float32
-  kernel: a lone row runs XLA's product) and as loaded (the Q4_1 kernel up to its rows, the float32 beyond).
+  traced with every matmul kernel off (XLA), with the block kernels off (the float32 kernel for the projections:
+  a lone row runs XLA's product), with the Q4_1 projections but XLA's LM head, and as loaded (Q4_1 projections,
+  the Q8_0 head).
 
     python bench/matmul.py [--rows 1,2,8,16,32] [--repeats 30] [--skip-model]
 """
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.models import native, native_matmul
-from jaxgen.models.weights import BLOCKS, Q4_1_BYTES, Q4_1_WEIGHTS
+from jaxgen.models.weights import BLOCK_WEIGHTS, BLOCKS, Q4_1_BYTES, Q8_0_BYTES
 
 from attention import median_ms
 from throughput import machine
@@ -52,7 +55,7 @@ def random_layer(rng) -> dict:
     for name, (k, n) in zip(NAMES, SHAPES):
         q = gguf.quants.quantize(rng.standard_normal((n, k), np.float32) * 0.03, gguf.GGMLQuantizationType.Q4_1)
         layer[name] = jnp.asarray(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).T)
-        blocks[name] = jnp.asarray(q.reshape(n, k // Q4_1_WEIGHTS, Q4_1_BYTES))
+        blocks[name] = jnp.asarray(q.reshape(n, k // BLOCK_WEIGHTS, Q4_1_BYTES))
     return {**layer, BLOCKS: blocks}
 
 
@@ -69,7 +72,7 @@ def float32_product(x, layer, name):
 def q4_1_product(x, layer, name):
     """x [B, 1, K] @ w through the Q4_1 kernel, whatever the rows."""
     w = layer[name]
-    return native_matmul.matmul_q4_1(x.reshape(-1, x.shape[-1]), layer[BLOCKS][name], w).reshape(
+    return native_matmul.matmul_blocks(x.reshape(-1, x.shape[-1]), layer[BLOCKS][name], w).reshape(
         *x.shape[:-1], w.shape[-1])
 
 
@@ -77,7 +80,7 @@ def compare_projections(rows_list: list[int], repeats: int) -> None:
     rng = np.random.default_rng(0)
     weights = [random_layer(rng) for _ in range(LAYERS)]
     weights_mb = LAYERS * sum(k * n for k, n in SHAPES) * 4 / 1e6
-    blocks_mb = weights_mb * Q4_1_BYTES / (4 * Q4_1_WEIGHTS)
+    blocks_mb = weights_mb * Q4_1_BYTES / (4 * BLOCK_WEIGHTS)
     programs = {name: jax.jit(functools.partial(projections, product)) for name, product in
                 (("xla", xla_product), ("f32", float32_product), ("q4", q4_1_product))}
     print(f"\n{LAYERS} layers' projections ({weights_mb:.0f} MB float32, {blocks_mb:.0f} MB as Q4_1 blocks)")
@@ -94,15 +97,34 @@ def compare_projections(rows_list: list[int], repeats: int) -> None:
               f"{ms['xla'] / ms['q4']:>8.2f}x")
 
 
+def compare_heads(rows_list: list[int], repeats: int) -> None:
+    vocab, width = 49152, 576
+    rng = np.random.default_rng(1)
+    q = gguf.quants.quantize(rng.standard_normal((vocab, width), np.float32) * 0.05, gguf.GGMLQuantizationType.Q8_0)
+    head = jnp.asarray(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).T)  # [D, V]
+    blocks = jnp.asarray(q.reshape(vocab, width // BLOCK_WEIGHTS, Q8_0_BYTES))
+    programs = {"xla": jax.jit(lambda x, blocks, head: x @ head), "q8": jax.jit(native_matmul.matmul_blocks)}
+    print(f"\nthe LM head, {width} x {vocab} ({4 * vocab * width / 1e6:.0f} MB float32, {blocks.size / 1e6:.0f} MB "
+          "as Q8_0 blocks)")
+    print(f"{'rows':>5} {'XLA ms':>8} {'Q8_0 ms':>8} {'XLA/Q8_0':>9}")
+    for rows in rows_list:
+        x = jnp.asarray(rng.standard_normal((rows, width), np.float32))
+        np.testing.assert_allclose(np.asarray(programs["q8"](x, blocks, head)), np.asarray(x @ head), rtol=2e-3,
+                                   atol=2e-3)
+        ms = {name: median_ms(program, (x, blocks, head), repeats) for name, program in programs.items()}
+        print(f"{rows:>5} {ms['xla']:>8.2f} {ms['q8']:>8.2f} {ms['xla'] / ms['q8']:>8.2f}x")
+
+
 def compare_decode_steps(rows_list: list[int], repeats: int) -> None:
     import jaxgen
     from jaxgen.models import llama
 
     llm = jaxgen.load(dtype=jnp.float32)
-    ways = {"XLA": {"JAXGEN_NATIVE_MATMUL": "0", "JAXGEN_NATIVE_Q4_1": "0"}, "float32": {"JAXGEN_NATIVE_Q4_1": "0"},
+    off = {"JAXGEN_NATIVE_Q4_1": "0", "JAXGEN_NATIVE_Q8_0": "0"}
+    ways = {"XLA": {"JAXGEN_NATIVE_MATMUL": "0", **off}, "float32": off, "Q4_1": {"JAXGEN_NATIVE_Q8_0": "0"},
             "as loaded": {}}
     print("\nthe default model's decode step, window 1,024 (ms)")
-    print(f"{'rows':>5} {'XLA':>7} {'float32 kernel':>15} {'as loaded':>10} {'XLA/loaded':>11}")
+    print(f"{'rows':>5} {'XLA':>7} {'float32 kernel':>15} {'Q4_1, XLA head':>15} {'as loaded':>10} {'XLA/loaded':>11}")
     for rows in rows_list:
         tokens, positions = jnp.zeros((rows,), jnp.int32), jnp.full((rows,), 500, jnp.int32)
         times = {}
@@ -113,8 +135,8 @@ def compare_decode_steps(rows_list: list[int], repeats: int) -> None:
                                         positions, repeats)
             for name in switches:
                 os.environ.pop(name)
-        print(f"{rows:>5} {times['XLA']:>7.1f} {times['float32']:>15.1f} {times['as loaded']:>10.1f} "
-              f"{times['XLA'] / times['as loaded']:>10.2f}x")
+        print(f"{rows:>5} {times['XLA']:>7.1f} {times['float32']:>15.1f} {times['Q4_1']:>15.1f} "
+              f"{times['as loaded']:>10.1f} {times['XLA'] / times['as loaded']:>10.2f}x")
 
 
 def median_step_ms(step, cache, tokens, positions, repeats: int) -> float:
@@ -137,10 +159,12 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
     print(machine())
-    if not (native_matmul.available() and native.available(native_matmul.Q4_1_TARGET)):
+    if not (native_matmul.available() and native.available(native_matmul.Q4_1_TARGET)
+            and native.available(native_matmul.Q8_0_TARGET)):
         raise SystemExit("the native kernels are not available here (see the warning above)")
     rows_list = [int(r) for r in args.rows.split(",")]
     compare_projections(rows_list, args.repeats)
+    compare_heads(rows_list, args.repeats)
     if not args.skip_model:
         compare_decode_steps(rows_list, args.repeats)
 

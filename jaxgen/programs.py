@@ -119,7 +119,7 @@ def decode_step(params, state: DecodeState, slots, packed, lora=None, *, family:
     positions = take_rows(state.positions, slots, rows)
     hidden, cache = family.forward(params, cfg, state.cache, packed[:, :1], positions[:, None], kv_len,
                                    slots, lora, adapters, row_blocks=reads_own_blocks(layout))
-    logits = family.lm_logits(params, cfg, hidden[:, 0])
+    logits = family.lm_logits(params, cfg, hidden)[:, 0]  # [rows, 1, D] in: a decode step's LM head (`lm_head`)
     last = spare_position(state)  # finished rows may step past their end: they write the spare column
     new = state.replace(cache=cache, logits=put_rows(state.logits, logits, slots, rows),
                         positions=put_rows(state.positions, jnp.minimum(positions + 1, last), slots, rows))

@@ -13,7 +13,8 @@ from .config import ModelConfig
 from .config import Params
 from .family import family_for
 from .sharding import layout_for, param_shardings, place_params
-from .weights import BLOCKS, PROJECTIONS, Q4_1_BYTES, Q4_1_WEIGHTS, blocks_usable, has_blocks, without_blocks
+from .weights import (BLOCK_WEIGHTS, BLOCKS, HEAD_BLOCKS, PROJECTIONS, Q4_1_BYTES, Q8_0_BYTES, blocks_usable, has_blocks,
+                      without_blocks)
 
 CONFIG_FILE = "jaxgen_config.json"
 
@@ -24,8 +25,8 @@ def is_checkpoint(path: str) -> bool:
 
 
 def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer) -> None:
-    """Write params (Orbax; a GGUF file's Q4_1 blocks too, where the layers carry them), config and tokenizer
-    under `directory`, which must not exist yet."""
+    """Write params (Orbax; a GGUF file's Q4_1 and Q8_0 blocks too, where params carry them), config and
+    tokenizer under `directory`, which must not exist yet."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         raise FileExistsError(f"{directory} already exists")
@@ -35,8 +36,8 @@ def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer)
         ckpt.save(os.path.join(directory, "params"), params)
     tokenizer.save(os.path.join(directory, "tokenizer"))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"model": cfg.to_dict(), "dtype": str(params["embed"].dtype), "blocks": has_blocks(params)}, f,
-                  indent=1)
+        json.dump({"model": cfg.to_dict(), "dtype": str(params["embed"].dtype), "blocks": has_blocks(params),
+                   "head_blocks": HEAD_BLOCKS in params}, f, indent=1)
 
 
 def load_checkpoint(directory: str, dtype=None, mesh=None):
@@ -45,7 +46,8 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
     With `dtype` None the saved dtype is kept; otherwise the arrays are restored as `dtype`. Orbax restores each
     array sharded on `mesh` (None: one device) as `sharding.layout_for` places it; where KV heads are replicated,
     wqkv and bqkv are restored whole and then replicated (`sharding.place_params`). Saved Q4_1 blocks come back
-    where decode steps can read them (`weights.blocks_usable`) and are dropped elsewhere.
+    where decode steps can read them (`weights.blocks_usable`) and are dropped elsewhere, as are the LM head's
+    Q8_0 blocks.
     """
     import orbax.checkpoint as ocp
 
@@ -64,23 +66,28 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
         shardings = jax.tree_util.tree_map_with_path(
             lambda path, s: layout.replicated if path[-1].key in ("wqkv", "bqkv") else s, shardings)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    if meta.get("blocks"):  # restored whatever the layout (Orbax restores no part of a tree), then kept or dropped
-        target = with_block_shapes(target, layout.replicated)
+    # blocks are restored whatever the layout (Orbax restores no part of a tree), then kept or dropped
+    target = with_block_shapes(target, layout.replicated, meta.get("blocks", False), meta.get("head_blocks", False))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(directory, "params"), target)
     except Exception as e:  # orbax raises many kinds for a damaged directory
         raise ModelLoadError(f"cannot restore params from {directory}: {e}") from e
-    if meta.get("blocks") and not blocks_usable(dtype, mesh):
+    if not blocks_usable(dtype, mesh):
         params = without_blocks(params)
     if layout.kv_replicas > 1:
         params = place_params(params, cfg, layout, extra=family.shard_specs)
     return cfg, params, Tokenizer.from_hf_dir(os.path.join(directory, "tokenizer"))
 
 
-def with_block_shapes(target, sharding):
-    """A restore target with every layer's Q4_1 blocks beside its projections: w [K, N] -> uint8 [N, K / 32, 20]."""
-    def blocks(layer):
-        return {name: jax.ShapeDtypeStruct((layer[name].shape[1], layer[name].shape[0] // Q4_1_WEIGHTS, Q4_1_BYTES),
-                                           jnp.uint8, sharding=sharding) for name in PROJECTIONS}
-    return {**target, "layers": [{**layer, BLOCKS: blocks(layer)} for layer in target["layers"]]}
+def with_block_shapes(target, sharding, layers: bool, head: bool):
+    """A restore target with the blocks a checkpoint holds: every layer's Q4_1 blocks beside its projections (w
+    [K, N] -> uint8 [N, K / 32, 20]) where `layers`, the LM head's Q8_0 blocks ([V, D / 32, 34]) where `head`."""
+    def blocks(k: int, n: int, size: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((n, k // BLOCK_WEIGHTS, size), jnp.uint8, sharding=sharding)
+    if layers:
+        target = {**target, "layers": [{**layer, BLOCKS: {name: blocks(*layer[name].shape, Q4_1_BYTES)
+                                                          for name in PROJECTIONS}} for layer in target["layers"]]}
+    if head:
+        target = {**target, HEAD_BLOCKS: blocks(*target["embed"].shape[::-1], Q8_0_BYTES)}
+    return target

@@ -1,5 +1,5 @@
-"""Load a llama.cpp GGUF file: config from metadata, dequantized weights (and the projections' Q4_1 blocks, where
-decode steps read them), tokenizer and chat template."""
+"""Load a llama.cpp GGUF file: config from metadata, dequantized weights (and, where decode steps read them, the
+projections' Q4_1 blocks and the LM head's Q8_0 ones), tokenizer and chat template."""
 from __future__ import annotations
 
 import functools
@@ -14,7 +14,8 @@ import numpy as np
 from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
-from .weights import BLOCKS, PROJECTIONS, Q4_1_BYTES, blocks_usable, fused_column_order, params_from_hf
+from .weights import (BLOCKS, HEAD_BLOCKS, PROJECTIONS, Q4_1_BYTES, Q8_0_BYTES, blocks_usable, fused_column_order,
+                      params_from_hf)
 
 # GGUF tensor names -> HF names ({i} is the layer index).
 GGUF_TO_HF = {
@@ -224,7 +225,7 @@ def hf_rows(reader: gguf.GGUFReader, cfg: ModelConfig, name: str, rows: np.ndarr
 def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.ndarray]] | None:
     """Each layer's projections as the file stores them, {wqkv, wo, w_gate_up, w_down: uint8 [N, K / 32, 20]}, one
     row of Q4_1 blocks per output column in our fused column order (`weights.fused_column_order`), for the decode
-    kernel (`native_matmul.matmul_q4_1`); None unless every projection of every layer is Q4_1."""
+    kernel (`native_matmul.matmul_blocks`); None unless every projection of every layer is Q4_1."""
     by_hf = tensors_by_hf_name(reader, cfg)
     layers = []
     for i in range(cfg.num_layers):
@@ -242,6 +243,16 @@ def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.
     return layers
 
 
+def head_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> np.ndarray | None:
+    """The LM head's rows as the file stores them, uint8 [V, D / 32, 34] (the embeddings' when tied), for the
+    decode kernel (`native_matmul.matmul_blocks`); None unless that tensor is Q8_0."""
+    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    tensor = tensors_by_hf_name(reader, cfg).get(name)
+    if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+        return None
+    return np.asarray(tensor.data).reshape(len(tensor.data), -1, Q8_0_BYTES)
+
+
 def load_gguf(path, dtype, mesh=None):
     """(config, params, tokenizer) from a GGUF file; params placed on `mesh` (`weights.params_from_hf`)."""
     from jaxgen.tokenizer import Tokenizer
@@ -253,10 +264,13 @@ def load_gguf(path, dtype, mesh=None):
         params = params_from_hf(cfg, hf_tensor_getter(reader, cfg), dtype, desc=f"loading {os.path.basename(path)}",
                                mesh=mesh)
         blocks = q4_1_blocks(reader, cfg) if keeps_blocks(cfg, dtype, mesh) else None
+        head = head_blocks(reader, cfg) if blocks_usable(dtype, mesh) else None
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {path} is damaged: {e}") from e
     if blocks is not None:
         params["layers"] = [{**layer, BLOCKS: jax.device_put(b)} for layer, b in zip(params["layers"], blocks)]
+    if head is not None:
+        params[HEAD_BLOCKS] = jax.device_put(head)
     return cfg, params, tokenizer
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from . import lora as lora_lib
 from . import native_attention, native_matmul
 from .config import ModelConfig, Params
-from .weights import BLOCKS, split_gate_up, split_qkv
+from .weights import BLOCKS, HEAD_BLOCKS, split_gate_up, split_qkv
 
 MASKED = float(np.finfo(np.float32).min)  # not -inf: a padded query with no key in its window must not turn NaN
 ROW_BLOCK = 256  # cache positions a decode row reads at a time (`attend_blocks`)
@@ -193,15 +193,19 @@ def attend_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: ja
 
 def dense(x: jax.Array, layer: Params, name: str) -> jax.Array:
     """x [B, T, K] @ layer[name] [K, N] -> [B, T, N]. In a decode step: from the matrix's Q4_1 blocks where the
-    layer carries them and that kernel applies (`native_matmul.applies_q4_1`), else through the float32 kernel
+    layer carries them and that kernel applies (`native_matmul.applies_blocks`), else through the float32 kernel
     where it applies (`native_matmul.applies`); otherwise XLA's product."""
     w, blocks = layer[name], layer.get(BLOCKS, {}).get(name)
-    rows = x.reshape(-1, x.shape[-1])
-    if blocks is not None and native_matmul.applies_q4_1(x, blocks):
-        return native_matmul.matmul_q4_1(rows, blocks, w).reshape(*x.shape[:-1], w.shape[-1])
+    if blocks is not None and native_matmul.applies_blocks(x, blocks):
+        return from_blocks(x, blocks, w)
     if native_matmul.applies(x, w):
-        return native_matmul.matmul(rows, w).reshape(*x.shape[:-1], w.shape[-1])
+        return native_matmul.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
     return x @ w
+
+
+def from_blocks(x: jax.Array, blocks: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, K] @ w [K, N] -> [B, T, N] read from w's GGUF blocks (`native_matmul.matmul_blocks`)."""
+    return native_matmul.matmul_blocks(x.reshape(-1, x.shape[-1]), blocks, w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def with_lora(y: jax.Array, x: jax.Array, lora_layer, group: str, adapters) -> jax.Array:
@@ -238,8 +242,12 @@ def lora_layers(lora, num_layers: int) -> list:
 
 
 def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """x [..., D] (already normed) @ the LM head (the embeddings when tied) -> float32 logits [..., V]."""
+    """x [..., D] (already normed) @ the LM head (the embeddings when tied) -> float32 logits [..., V]; a decode
+    step (x [B, 1, D]) reads the head's Q8_0 blocks where params carry them and the kernel applies."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    blocks = params.get(HEAD_BLOCKS)
+    if blocks is not None and native_matmul.applies_blocks(x, blocks):
+        return from_blocks(x, blocks, head)
     return jnp.matmul(x, head, preferred_element_type=jnp.float32)
 
 

@@ -97,7 +97,7 @@ def decode(params: Params, cfg: ModelConfig, cache: Cache, tokens: jax.Array, po
     """`forward` of one token for each of the first R cache rows: tokens, positions [R] -> (float32 logits
     [R, V], cache). Rows beyond R are neither read nor written."""
     hidden, cache = forward(params, cfg, cache, tokens[:, None], positions[:, None], kv_len, None, lora, adapters)
-    return lm_logits(params, cfg, hidden[:, 0]), cache
+    return lm_logits(params, cfg, hidden)[:, 0], cache  # the head on [R, 1, D], as a decode step (`lm_head`)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

@@ -16,7 +16,10 @@ TensorGetter = Callable[[str], np.ndarray]
 PROJECTIONS = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "wo": ("self_attn.o_proj",),
                "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"), "w_down": ("mlp.down_proj",)}
 BLOCKS = "q4_1"  # a layer's key for its projections' GGUF Q4_1 blocks, {name: uint8 [N, K / 32, 20]}, where kept
-Q4_1_WEIGHTS, Q4_1_BYTES = 32, 20  # a Q4_1 block: 32 weights of one column in float16 d and m, then 16 nibble bytes
+HEAD_BLOCKS = "head_q8_0"  # the params' key for the LM head's GGUF Q8_0 blocks, uint8 [V, D / 32, 34], where kept
+BLOCK_WEIGHTS = 32  # weights of one output column a GGUF block holds, in either type
+Q4_1_BYTES = 20  # a Q4_1 block: float16 d and m, then 16 bytes of nibbles
+Q8_0_BYTES = 34  # a Q8_0 block: float16 d, then 32 signed bytes
 
 
 def _xp(*arrays):
@@ -65,8 +68,10 @@ def fused_column_order(name: str, widths: Sequence[int], num_kv_heads: int) -> n
 
 
 def without_blocks(params: Params) -> Params:
-    """`params` without the layers' quantized copies (`BLOCKS`): the float32 weights alone."""
-    return {**params, "layers": [{k: v for k, v in layer.items() if k != BLOCKS} for layer in params["layers"]]}
+    """`params` without the quantized copies (the layers' `BLOCKS`, the head's `HEAD_BLOCKS`): the float32 weights
+    alone."""
+    layers = [{k: v for k, v in layer.items() if k != BLOCKS} for layer in params["layers"]]
+    return {**{k: v for k, v in params.items() if k != HEAD_BLOCKS}, "layers": layers}
 
 
 def has_blocks(params: Params) -> bool:
@@ -75,7 +80,7 @@ def has_blocks(params: Params) -> bool:
 
 
 def blocks_usable(dtype, mesh) -> bool:
-    """Whether decode steps can read Q4_1 blocks (`native_matmul.applies_q4_1`): float32 weights on one CPU
+    """Whether decode steps can read GGUF blocks (`native_matmul.applies_blocks`): float32 weights on one CPU
     device (`mesh`: anything `jaxgen.mesh.make_mesh` takes)."""
     import jax
 
