@@ -100,7 +100,7 @@ def preload(cache_dir: str, start: str) -> None:
     made ready first (`ProgramTable.remember_first`), while the caller loads the model: deserializing releases
     the GIL, and on 2 CPU cores the default model's covering programs (3.3 s for 9) load beside its weights (5 s).
     A stale list costs only the reading: tables take executables by digest, which names all they depend on.
-    The thread first builds the native kernels where this machine has none yet (`native`, ~3 s).
+    The thread first builds the native kernels where this machine has none yet (`native`, ~4 s).
     Reads nothing in a process that has started building programs."""
     try:
         with open(first_programs_file(cache_dir, start), encoding="utf-8") as f:

@@ -217,3 +217,18 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_a_warning(monkeypatch
         assert native._register() is None
     assert "no C++ compiler (no-such-compiler)" in caplog.text
     assert not any(tmp_path.iterdir())
+
+
+def test_a_source_that_fails_to_compile_leaves_the_kernels_off_with_the_compilers_message(monkeypatch, tmp_path,
+                                                                                        caplog):
+    """The sources compile side by side; one that fails stops the build: `_register` warns with the compiler's
+    own error and leaves no library (nor its half-built objects) in the cache."""
+    broken = tmp_path / "broken.cc"
+    broken.write_text("int f() { return no_such_name; }\n")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(native, "SOURCES", (*native.SOURCES, str(broken)))
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", str(cache))
+    with caplog.at_level("WARNING", logger=native.__name__):
+        assert native._register() is None
+    assert "no_such_name" in caplog.text
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == []
