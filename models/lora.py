@@ -34,13 +34,14 @@ from jaxgen.errors import ModelLoadError
 
 from .config import ModelConfig
 from .safetensors_io import open_safetensors
-from .weights import fuse_projection
+from .weights import PROJECTIONS, fuse_projection
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}
 GROUP_PARAMS = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}  # the base weight of each group
-MODULE_PATH = {t: ("self_attn." if t in GROUPS["qkv"] + GROUPS["o"] else "mlp.") + t for t in TARGETS}
+# HF module paths (self_attn.q_proj, ...) by target name, and each group's targets in fused order: the projections'
+# own table (`weights.PROJECTIONS`).
+MODULE_PATH = {path.rsplit(".", 1)[1]: path for group in GROUP_PARAMS.values() for path in PROJECTIONS[group]}
+GROUPS = {group: tuple(path.rsplit(".", 1)[1] for path in PROJECTIONS[param]) for group, param in GROUP_PARAMS.items()}
+TARGETS = tuple(MODULE_PATH)  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
 ATTENTION_TARGETS = GROUPS["qkv"] + GROUPS["o"]
 # Modules that are one fused projection in the checkpoint (Phi-3): read as their members, A shared by all of
 # them and B cut by output columns (q, k, v rows of qkv_proj; gate, then up, of gate_up_proj), so they stack as
