@@ -13,10 +13,11 @@ from .config import ModelConfig
 from .config import Params
 from .family import family_for
 from .sharding import layout_for, param_shardings, place_params
-from .weights import (BLOCK_WEIGHTS, BLOCKS, HEAD_BLOCKS, PROJECTIONS, Q4_1_BYTES, Q8_0_BYTES, blocks_usable, has_blocks,
+from .weights import (BLOCK_WEIGHTS, BLOCKS, HEAD_BLOCKS, PROJECTIONS, Q4_1_BYTES, block_bytes, blocks_usable,
                       without_blocks)
 
 CONFIG_FILE = "jaxgen_config.json"
+LEGACY_BLOCKS = "q4_1"  # the layers' key for their blocks in the first layout (config "blocks": true, all Q4_1)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -25,7 +26,7 @@ def is_checkpoint(path: str) -> bool:
 
 
 def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer) -> None:
-    """Write params (Orbax; a GGUF file's Q4_1 and Q8_0 blocks too, where params carry them), config and
+    """Write params (Orbax; a GGUF file's blocks too, where params carry them), config and
     tokenizer under `directory`, which must not exist yet."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
@@ -36,8 +37,8 @@ def save_checkpoint(directory: str, cfg: ModelConfig, params: Params, tokenizer)
         ckpt.save(os.path.join(directory, "params"), params)
     tokenizer.save(os.path.join(directory, "tokenizer"))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"model": cfg.to_dict(), "dtype": str(params["embed"].dtype), "blocks": has_blocks(params),
-                   "head_blocks": HEAD_BLOCKS in params}, f, indent=1)
+        json.dump({"model": cfg.to_dict(), "dtype": str(params["embed"].dtype), "blocks": block_bytes(params)}, f,
+                  indent=1)
 
 
 def load_checkpoint(directory: str, dtype=None, mesh=None):
@@ -45,9 +46,8 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
 
     With `dtype` None the saved dtype is kept; otherwise the arrays are restored as `dtype`. Orbax restores each
     array sharded on `mesh` (None: one device) as `sharding.layout_for` places it; where KV heads are replicated,
-    wqkv and bqkv are restored whole and then replicated (`sharding.place_params`). Saved Q4_1 blocks come back
-    where decode steps can read them (`weights.blocks_usable`) and are dropped elsewhere, as are the LM head's
-    Q8_0 blocks.
+    wqkv and bqkv are restored whole and then replicated (`sharding.place_params`). Saved blocks come back
+    where decode steps can read them (`weights.blocks_usable`) and are dropped elsewhere, as are the LM head's.
     """
     import orbax.checkpoint as ocp
 
@@ -67,12 +67,16 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
             lambda path, s: layout.replicated if path[-1].key in ("wqkv", "bqkv") else s, shardings)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     # blocks are restored whatever the layout (Orbax restores no part of a tree), then kept or dropped
-    target = with_block_shapes(target, layout.replicated, meta.get("blocks", False), meta.get("head_blocks", False))
+    saved = saved_block_bytes(meta, cfg)
+    target = with_block_shapes(target, layout.replicated, saved)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(directory, "params"), target)
     except Exception as e:  # orbax raises many kinds for a damaged directory
         raise ModelLoadError(f"cannot restore params from {directory}: {e}") from e
+    if saved["key"] != BLOCKS:  # the first layout's key, renamed
+        params = {**params, "layers": [{**{k: v for k, v in layer.items() if k != saved["key"]},
+                                        BLOCKS: layer[saved["key"]]} for layer in params["layers"]]}
     if not blocks_usable(dtype, mesh):
         params = without_blocks(params)
     if layout.kv_replicas > 1:
@@ -80,14 +84,24 @@ def load_checkpoint(directory: str, dtype=None, mesh=None):
     return cfg, params, Tokenizer.from_hf_dir(os.path.join(directory, "tokenizer"))
 
 
-def with_block_shapes(target, sharding, layers: bool, head: bool):
-    """A restore target with the blocks a checkpoint holds: every layer's Q4_1 blocks beside its projections (w
-    [K, N] -> uint8 [N, K / 32, 20]) where `layers`, the LM head's Q8_0 blocks ([V, D / 32, 34]) where `head`."""
+def saved_block_bytes(meta: dict, cfg: ModelConfig) -> dict:
+    """The blocks a checkpoint holds (`weights.block_bytes`) and the layers' key for them, from its config file:
+    its "blocks" entry, true in the first layout (every layer's projections Q4_1, under LEGACY_BLOCKS), or none."""
+    blocks = meta.get("blocks")
+    if blocks is True:
+        return {"layers": [dict.fromkeys(PROJECTIONS, Q4_1_BYTES)] * cfg.num_layers, "head": None,
+                "key": LEGACY_BLOCKS}
+    return {"layers": [{}] * cfg.num_layers, "head": None, **(blocks or {}), "key": BLOCKS}
+
+
+def with_block_shapes(target, sharding, saved: dict):
+    """A restore target with the blocks a checkpoint holds (`saved_block_bytes`): each layer's beside its
+    projections (w [K, N] -> uint8 [N, K / 32, bytes]), the LM head's ([V, D / 32, bytes])."""
     def blocks(k: int, n: int, size: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((n, k // BLOCK_WEIGHTS, size), jnp.uint8, sharding=sharding)
-    if layers:
-        target = {**target, "layers": [{**layer, BLOCKS: {name: blocks(*layer[name].shape, Q4_1_BYTES)
-                                                          for name in PROJECTIONS}} for layer in target["layers"]]}
-    if head:
-        target = {**target, HEAD_BLOCKS: blocks(*target["embed"].shape[::-1], Q8_0_BYTES)}
+    layers = [{**layer, saved["key"]: {name: blocks(*layer[name].shape, size) for name, size in sizes.items()}}
+              if sizes else layer for layer, sizes in zip(target["layers"], saved["layers"])]
+    target = {**target, "layers": layers}
+    if saved["head"]:
+        target = {**target, HEAD_BLOCKS: blocks(*target["embed"].shape[::-1], saved["head"])}
     return target

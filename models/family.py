@@ -40,7 +40,7 @@ class Family:
     shard_specs: tuple[tuple[str, object], ...] = ()  # (param name, PartitionSpec) beyond sharding.PARAM_SPECS
     splits_layers: Callable = lambda cfg: True  # (cfg) -> whether forward runs layer spans (`llama.forward`)
     gguf_blocks: bool = False  # its projections are HF's q/k/v/o/gate/up/down as they are (`projections_from_hf`),
-    #                            so a GGUF file's Q4_1 blocks of them serve decode steps (`gguf_loader.q4_1_blocks`)
+    #                            so a GGUF file's blocks of them serve decode steps (`gguf_loader.projection_blocks`)
 
 
 LLAMA = Family("llama", ("llama", "mistral", "qwen2"), llama.forward, llama.lm_logits, layers.init_cache,

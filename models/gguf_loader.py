@@ -1,5 +1,5 @@
 """Load a llama.cpp GGUF file: config from metadata, dequantized weights (and, where decode steps read them, the
-projections' Q4_1 blocks and the LM head's Q8_0 ones), tokenizer and chat template."""
+projections' Q4_1 or Q8_0 blocks and the LM head's Q8_0 ones), tokenizer and chat template."""
 from __future__ import annotations
 
 import functools
@@ -16,6 +16,8 @@ from jaxgen.errors import ModelLoadError
 from .config import ModelConfig
 from .weights import (BLOCKS, HEAD_BLOCKS, PROJECTIONS, Q4_1_BYTES, Q8_0_BYTES, blocks_usable, fused_column_order,
                       params_from_hf)
+
+BLOCK_BYTES = {gguf.GGMLQuantizationType.Q4_1: Q4_1_BYTES, gguf.GGMLQuantizationType.Q8_0: Q8_0_BYTES}  # the kernels' types
 
 # GGUF tensor names -> HF names ({i} is the layer index).
 GGUF_TO_HF = {
@@ -222,10 +224,11 @@ def hf_rows(reader: gguf.GGUFReader, cfg: ModelConfig, name: str, rows: np.ndarr
     return rows
 
 
-def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.ndarray]] | None:
-    """Each layer's projections as the file stores them, {wqkv, wo, w_gate_up, w_down: uint8 [N, K / 32, 20]}, one
-    row of Q4_1 blocks per output column in our fused column order (`weights.fused_column_order`), for the decode
-    kernel (`native_matmul.matmul_blocks`); None unless every projection of every layer is Q4_1."""
+def projection_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.ndarray]]:
+    """Each layer's projections as the file stores them, {name: uint8 [N, K / 32, bytes]} for every projection
+    whose parts are all Q4_1 or all Q8_0 (`BLOCK_BYTES`), one row of blocks per output column in our fused column
+    order (`weights.fused_column_order`), for the decode kernel (`native_matmul.matmul_blocks`); projections of
+    other or mixed types are left out."""
     by_hf = tensors_by_hf_name(reader, cfg)
     layers = []
     for i in range(cfg.num_layers):
@@ -233,9 +236,10 @@ def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.
         for ours, theirs in PROJECTIONS.items():
             names = [f"model.layers.{i}.{t}.weight" for t in theirs]
             tensors = [by_hf.get(name) for name in names]
-            if any(t is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_1 for t in tensors):
-                return None
-            parts = [hf_rows(reader, cfg, name, np.asarray(t.data).reshape(len(t.data), -1, Q4_1_BYTES))
+            types = {t.tensor_type if t is not None else None for t in tensors}
+            if len(types) != 1 or (qtype := types.pop()) not in BLOCK_BYTES:
+                continue
+            parts = [hf_rows(reader, cfg, name, np.asarray(t.data).reshape(len(t.data), -1, BLOCK_BYTES[qtype]))
                      for name, t in zip(names, tensors)]
             order = fused_column_order(ours, [len(p) for p in parts], cfg.num_kv_heads)
             layer[ours] = np.concatenate(parts)[order]
@@ -244,13 +248,13 @@ def q4_1_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> list[dict[str, np.
 
 
 def head_blocks(reader: gguf.GGUFReader, cfg: ModelConfig) -> np.ndarray | None:
-    """The LM head's rows as the file stores them, uint8 [V, D / 32, 34] (the embeddings' when tied), for the
-    decode kernel (`native_matmul.matmul_blocks`); None unless that tensor is Q8_0."""
+    """The LM head's rows as the file stores them, uint8 [V, D / 32, bytes] (the embeddings' when tied), for the
+    decode kernel (`native_matmul.matmul_blocks`); None unless that tensor is Q8_0 or Q4_1 (`BLOCK_BYTES`)."""
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     tensor = tensors_by_hf_name(reader, cfg).get(name)
-    if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+    if tensor is None or tensor.tensor_type not in BLOCK_BYTES:
         return None
-    return np.asarray(tensor.data).reshape(len(tensor.data), -1, Q8_0_BYTES)
+    return np.asarray(tensor.data).reshape(len(tensor.data), -1, BLOCK_BYTES[tensor.tensor_type])
 
 
 def load_gguf(path, dtype, mesh=None):
@@ -263,19 +267,18 @@ def load_gguf(path, dtype, mesh=None):
     try:
         params = params_from_hf(cfg, hf_tensor_getter(reader, cfg), dtype, desc=f"loading {os.path.basename(path)}",
                                mesh=mesh)
-        blocks = q4_1_blocks(reader, cfg) if keeps_blocks(cfg, dtype, mesh) else None
+        blocks = projection_blocks(reader, cfg) if keeps_blocks(cfg, dtype, mesh) else [{}] * cfg.num_layers
         head = head_blocks(reader, cfg) if blocks_usable(dtype, mesh) else None
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {path} is damaged: {e}") from e
-    if blocks is not None:
-        params["layers"] = [{**layer, BLOCKS: jax.device_put(b)} for layer, b in zip(params["layers"], blocks)]
+    params["layers"] = [{**layer, BLOCKS: jax.device_put(b)} if b else layer for layer, b in zip(params["layers"], blocks)]
     if head is not None:
         params[HEAD_BLOCKS] = jax.device_put(head)
     return cfg, params, tokenizer
 
 
 def keeps_blocks(cfg: ModelConfig, dtype, mesh) -> bool:
-    """Whether a load keeps the file's Q4_1 blocks beside the float32 weights: where decode steps can read them
+    """Whether a load keeps the file's projection blocks beside the float32 weights: where decode steps can read them
     (`weights.blocks_usable`), for a family whose projections are HF's as they are."""
     from .family import family_for
 

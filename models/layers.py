@@ -192,7 +192,7 @@ def attend_blocks(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows: ja
 
 
 def dense(x: jax.Array, layer: Params, name: str) -> jax.Array:
-    """x [B, T, K] @ layer[name] [K, N] -> [B, T, N]. In a decode step: from the matrix's Q4_1 blocks where the
+    """x [B, T, K] @ layer[name] [K, N] -> [B, T, N]. In a decode step: from the matrix's GGUF blocks where the
     layer carries them and that kernel applies (`native_matmul.applies_blocks`), else through the float32 kernel
     where it applies (`native_matmul.applies`); otherwise XLA's product."""
     w, blocks = layer[name], layer.get(BLOCKS, {}).get(name)

@@ -3,7 +3,7 @@ compiler (`$CXX`, else `c++`) on first use and kept under $JAXGEN_CACHE_DIR (els
 by its sources, flags, compiler, JAX and CPU, then registered with XLA once per process.
 
 Each kernel has its own module, which says where it applies: `native_attention` (cached attention) and
-`native_matmul` (a decode step's projections, over float32 weights or a GGUF file's Q4_1 blocks). Each can be
+`native_matmul` (a decode step's projections and LM head, over float32 weights or a GGUF file's blocks). Each can be
 switched off alone (`switched_on`); where the build fails (with a warning) or off the CPU, XLA's own operations
 run instead.
 """

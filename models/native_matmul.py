@@ -1,7 +1,6 @@
 """A decode step's products as native CPU kernels (built by `native`): y = x @ w for a few rows of x, over float32
 weights (`kernels/matmul.cc`: each panel of w streamed once with its rows fetched ahead) or over the blocks a GGUF
-file stores them in (`kernels/matmul_blocks.cc`: Q4_1 projections, 5 bits a weight read instead of 32; a Q8_0 LM
-head, 8.5).
+file stores them in (`kernels/matmul_blocks.cc`: Q4_1, 5 bits a weight read instead of 32, or Q8_0, 8.5).
 
 XLA CPU reads the weights of such skinny products at well under the memory's rate; on 2 Xeon cores the default
 model's 30 layers of projections take 26 ms at 8 rows against XLA's 38, and its whole decode step 51 ms against 63
@@ -10,8 +9,8 @@ stays with XLA, whose matrix-vector product streams as fast; prompt chunks, whos
 near the cores' peak, too. Every output is one sum over k in order, so a row's result does not depend on the
 other rows of its step. With JAXGEN_NATIVE_MATMUL=0, where it cannot be built, or off the CPU, XLA runs.
 
-Where params also carry a GGUF file's blocks of a matrix (a layer's Q4_1 projections, `weights.BLOCKS`, from
-`gguf_loader.q4_1_blocks`; the LM head's Q8_0 rows, `weights.HEAD_BLOCKS`, from `gguf_loader.head_blocks`), a
+Where params also carry a GGUF file's blocks of a matrix (a layer's Q4_1 or Q8_0 projections, `weights.BLOCKS`,
+from `gguf_loader.projection_blocks`; the LM head's rows, `weights.HEAD_BLOCKS`, from `gguf_loader.head_blocks`), a
 decode step of 1 to BLOCKS_MAX_ROWS rows multiplies by them instead (`matmul_blocks`): the kernel dequantizes each
 block in registers to the very float32 weights XLA multiplies by elsewhere, so only the order of each sum
 differs. JAXGEN_NATIVE_Q4_1=0 and JAXGEN_NATIVE_Q8_0=0 switch them off.

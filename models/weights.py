@@ -15,8 +15,8 @@ TensorGetter = Callable[[str], np.ndarray]
 # Our projections -> the HF modules they hold, in the order `fuse_projection` fuses them.
 PROJECTIONS = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "wo": ("self_attn.o_proj",),
                "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"), "w_down": ("mlp.down_proj",)}
-BLOCKS = "q4_1"  # a layer's key for its projections' GGUF Q4_1 blocks, {name: uint8 [N, K / 32, 20]}, where kept
-HEAD_BLOCKS = "head_q8_0"  # the params' key for the LM head's GGUF Q8_0 blocks, uint8 [V, D / 32, 34], where kept
+BLOCKS = "blocks"  # a layer's key for its projections' GGUF blocks, {name: uint8 [N, K / 32, bytes]}, where kept
+HEAD_BLOCKS = "head_blocks"  # the params' key for the LM head's GGUF blocks, uint8 [V, D / 32, bytes], where kept
 BLOCK_WEIGHTS = 32  # weights of one output column a GGUF block holds, in either type
 Q4_1_BYTES = 20  # a Q4_1 block: float16 d and m, then 16 bytes of nibbles
 Q8_0_BYTES = 34  # a Q8_0 block: float16 d, then 32 signed bytes
@@ -74,9 +74,12 @@ def without_blocks(params: Params) -> Params:
     return {**{k: v for k, v in params.items() if k != HEAD_BLOCKS}, "layers": layers}
 
 
-def has_blocks(params: Params) -> bool:
-    """Whether the layers carry their projections' Q4_1 blocks (`BLOCKS`)."""
-    return BLOCKS in params["layers"][0]
+def block_bytes(params: Params) -> dict:
+    """The bytes of a block of each GGUF block matrix params carry (20 Q4_1, 34 Q8_0): {"layers": [{name: bytes}]
+    (`BLOCKS`), "head": bytes or None (`HEAD_BLOCKS`)}."""
+    head = params.get(HEAD_BLOCKS)
+    return {"layers": [{name: int(b.shape[2]) for name, b in layer.get(BLOCKS, {}).items()} for layer in params["layers"]],
+            "head": None if head is None else int(head.shape[2])}
 
 
 def blocks_usable(dtype, mesh) -> bool:

@@ -1,6 +1,6 @@
 // The product of a few rows by a weight matrix kept in llama.cpp's blocks, as XLA FFI custom calls: a decode
-// step's projections read from Q4_1 blocks (5 bits a weight instead of float32's 32), its LM head from Q8_0 blocks
-// (8.5 bits).
+// step's projections and LM head read from Q4_1 blocks (5 bits a weight instead of float32's 32) or Q8_0 blocks
+// (8.5 bits), as the GGUF file stores them.
 //
 // A block holds 32 consecutive weights of one output column along k. Q4_1: float16 scale d and minimum m, then 16
 // bytes whose low nibbles are weights 0..15 and high nibbles 16..31; weight i is q_i · d + m. Q8_0: float16 scale

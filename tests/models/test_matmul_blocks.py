@@ -143,17 +143,29 @@ def projections_q4_1(name: str, w: np.ndarray):
     return gb.Q.Q4_1 if "_proj." in name else gb.Q.Q8_0
 
 
+def all_q8_0(name: str, w: np.ndarray):
+    """Every matrix Q8_0 (a common llama.cpp file type), vectors F32."""
+    return gb.Q.F32 if w.ndim == 1 else gb.Q.Q8_0
+
+
 @pytest.fixture(scope="module", params=[("llama", {}), ("llama", {"tie_word_embeddings": True}),
                                         ("llama", {"num_key_value_heads": 4}), ("qwen2", {}), ("qwen3", {}),
-                                        ("gemma2", {}), ("gemma3_text", {})],
-                ids=["llama", "llama_tied", "llama_mha", "qwen2", "qwen3", "gemma2", "gemma3"])
+                                        ("gemma2", {}), ("gemma3_text", {}), ("llama", {"q8_0": True})],
+                ids=["llama", "llama_tied", "llama_mha", "qwen2", "qwen3", "gemma2", "gemma3", "llama_q8_0"])
 def q4_1_gguf(request, make_tiny_hf_model, tmp_path_factory):
     """A tiny model's GGUF file with every projection in Q4_1 (llama: Q/K rows permuted as llama.cpp does) and the
-    embedding and LM head in Q8_0, for each family that keeps the projections' blocks (`Family.gguf_blocks`)."""
-    arch, overrides = request.param
-    path = tmp_path_factory.mktemp("q4_1") / f"{arch}.gguf"
-    gb.write_gguf(make_tiny_hf_model(arch, **overrides), path, qtype=projections_q4_1)
+    embedding and LM head in Q8_0, for each family that keeps the projections' blocks (`Family.gguf_blocks`); and
+    a Llama file of Q8_0 matrices alone."""
+    arch, overrides = request.param[0], dict(request.param[1])
+    q8_0 = overrides.pop("q8_0", False)
+    path = tmp_path_factory.mktemp("blocks") / f"{arch}.gguf"
+    gb.write_gguf(make_tiny_hf_model(arch, **overrides), path, qtype=all_q8_0 if q8_0 else projections_q4_1)
     return path
+
+
+def block_arrays(params) -> list:
+    """Every block matrix params carry: the layers' projections', the LM head's."""
+    return [b for layer in params["layers"] for b in layer[BLOCKS].values()] + [params[HEAD_BLOCKS]]
 
 
 def head_of(llm) -> np.ndarray:
@@ -201,7 +213,7 @@ def test_a_decode_step_over_blocks_matches_one_over_float32_weights(q4_1_gguf, m
             for name in SWITCHES:
                 monkeypatch.setenv(name, switch)
             logits[switch], text = decode_logits(llm, rows)
-            for target in (native_matmul.Q4_1_TARGET, native_matmul.Q8_0_TARGET):
+            for target in {native_matmul.BLOCK_TARGETS[b.shape[2]] for b in block_arrays(llm.params)}:
                 assert (f"@{target}(" in text) == (switch == "1")
         np.testing.assert_allclose(logits["1"], logits["0"], rtol=1e-4, atol=1e-4)
 
@@ -227,15 +239,31 @@ def test_families_with_float32_projections_still_read_the_heads_blocks(arch, mak
     np.testing.assert_allclose(logits["1"], logits["0"], rtol=1e-4, atol=1e-4)
 
 
-def test_blocks_are_kept_only_where_the_kernels_can_use_them(make_tiny_hf_model, q4_1_gguf, tmp_path):
-    """No blocks for a file whose projections (or head) are not all of the kernels' types, for bfloat16 weights
-    or on a mesh of two devices (a process of its own: the device count is fixed when JAX starts)."""
+def test_a_projection_keeps_blocks_when_its_parts_are_one_of_the_kernels_types(make_tiny_hf_model, tmp_path):
+    """In a file of mixed types, each projection on its own: o_proj's Q8_0 blocks are kept; Q/K/V (Q8_0, Q4_1,
+    F32) and gate/up (Q4_1, Q8_0) are mixed and down is F32, so those run XLA's float32 product; the Q4_1 LM head's
+    blocks are kept. Whatever is kept holds the float32 params bit for bit, and a decode step over it gives the
+    logits of one without."""
     import jaxgen
 
     mixed = tmp_path / "mixed.gguf"
     gb.write_gguf(make_tiny_hf_model("llama"), mixed)  # Q8_0, Q4_1 and F32 projections, a Q4_1 LM head
-    params = jaxgen.load(mixed, dtype=jnp.float32).params
-    assert all(BLOCKS not in layer for layer in params["layers"]) and HEAD_BLOCKS not in params
+    llm = jaxgen.load(mixed, dtype=jnp.float32)
+    for layer in llm.params["layers"]:
+        assert {name: b.shape[2] for name, b in layer[BLOCKS].items()} == {"wo": 34}
+        np.testing.assert_array_equal(dequantized(np.asarray(layer[BLOCKS]["wo"])), np.asarray(layer["wo"]))
+    assert llm.params[HEAD_BLOCKS].shape[2] == 20
+    np.testing.assert_array_equal(dequantized(np.asarray(llm.params[HEAD_BLOCKS])), head_of(llm))
+    on, text = decode_logits(llm, 3)
+    assert f"@{native_matmul.Q8_0_TARGET}(" in text and f"@{native_matmul.Q4_1_TARGET}(" in text
+    assert f"@{native_matmul.TARGET}(" in text  # the float32 kernel for the rest
+
+
+def test_blocks_are_kept_only_where_the_kernels_can_use_them(q4_1_gguf):
+    """No blocks for bfloat16 weights or on a mesh of two devices (a process of its own: the device count is fixed
+    when JAX starts)."""
+    import jaxgen
+
     params = jaxgen.load(q4_1_gguf, dtype=jnp.bfloat16).params
     assert all(BLOCKS not in layer for layer in params["layers"]) and HEAD_BLOCKS not in params
     script = ("import sys, jax.numpy as jnp, jaxgen\n"
@@ -247,6 +275,28 @@ def test_blocks_are_kept_only_where_the_kernels_can_use_them(make_tiny_hf_model,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "True", "False", "False"]  # one device of the two: kept; both: not
+
+
+def test_a_checkpoint_of_the_first_layout_restores_its_blocks(make_tiny_hf_model, tmp_path):
+    """A checkpoint written before blocks had types (config "blocks": true, every projection's Q4_1 blocks under
+    the layers' key "q4_1", no head blocks) restores them under today's key."""
+    import jaxgen
+    from jaxgen.models import checkpoint
+
+    path = tmp_path / "llama.gguf"
+    gb.write_gguf(make_tiny_hf_model("llama"), path, qtype=projections_q4_1)
+    llm = jaxgen.load(path, dtype=jnp.float32)
+    params = {k: v for k, v in llm.params.items() if k != HEAD_BLOCKS}
+    old = {**params, "layers": [{**{k: v for k, v in layer.items() if k != BLOCKS},
+                                 checkpoint.LEGACY_BLOCKS: layer[BLOCKS]} for layer in params["layers"]]}
+    directory = tmp_path / "old"
+    save_checkpoint(str(directory), llm.cfg, old, llm.tokenizer)
+    config = directory / checkpoint.CONFIG_FILE
+    config.write_text(config.read_text().replace('"blocks": {', '"blocks": true, "unused": {'))
+    _, restored, _ = load_checkpoint(str(directory))
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(theirs), np.asarray(ours))
 
 
 def test_checkpoints_keep_the_blocks_where_decode_steps_read_them(q4_1_gguf, tmp_path):
