@@ -1,10 +1,11 @@
 """A decode step's products: the native CPU kernels (`models/native_matmul.py`) over float32 weights, over Q4_1
-blocks and over a Q8_0 LM head, against XLA's, in the same run.
+and Q8_0 blocks and over a Q8_0 LM head, against XLA's, in the same run.
 
 - The default model's 30 layers of projections (Q/K/V 576 × 960, output 576 × 576, gate/up 576 × 3,072, down
-  1,536 × 576; random weights quantized to Q4_1 and their float32 dequantization, every layer its own) in one
-  program, at each row count: the median time of XLA's product, the float32 kernel and the Q4_1 kernel, the
-  bytes each reads over it, and XLA's time over each kernel's. All three are checked against each other first.
+  1,536 × 576; random weights quantized to Q4_1, and again to Q8_0, and their float32 dequantization, every
+  layer its own) in one program, at each row count: the median time of XLA's product, the float32 kernel and
+  the block kernel over each type, XLA's time over each kernel's, and the bytes each block kernel reads over its
+  time. Each is checked against XLA over the same float32 weights first.
 - The default model's LM head (its tied 49,152 × 576 embeddings, random, quantized to Q8_0): XLA's product against
   the Q8_0 kernel, at each row count.
 - The default model's whole decode step (`llama.decode`, every row at position 500 of a 1,024-position window),
@@ -49,13 +50,13 @@ def projections(product, x: jax.Array, weights: list) -> jax.Array:
     return x
 
 
-def random_layer(rng) -> dict:
-    """One layer's four matrices: random, quantized to Q4_1 (uint8 [N, K / 32, 20]) and dequantized ([K, N])."""
+def random_layer(rng, qtype: gguf.GGMLQuantizationType, size: int) -> dict:
+    """One layer's four matrices: random, quantized to `qtype` (uint8 [N, K / 32, size]) and dequantized ([K, N])."""
     layer, blocks = {}, {}
     for name, (k, n) in zip(NAMES, SHAPES):
-        q = gguf.quants.quantize(rng.standard_normal((n, k), np.float32) * 0.03, gguf.GGMLQuantizationType.Q4_1)
-        layer[name] = jnp.asarray(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).T)
-        blocks[name] = jnp.asarray(q.reshape(n, k // BLOCK_WEIGHTS, Q4_1_BYTES))
+        q = gguf.quants.quantize(rng.standard_normal((n, k), np.float32) * 0.03, qtype)
+        layer[name] = jnp.asarray(gguf.quants.dequantize(q, qtype).T)
+        blocks[name] = jnp.asarray(q.reshape(n, k // BLOCK_WEIGHTS, size))
     return {**layer, BLOCKS: blocks}
 
 
@@ -69,8 +70,8 @@ def float32_product(x, layer, name):
     return native_matmul.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def q4_1_product(x, layer, name):
-    """x [B, 1, K] @ w through the Q4_1 kernel, whatever the rows."""
+def blocks_product(x, layer, name):
+    """x [B, 1, K] @ w through the block kernel of the layer's type, whatever the rows."""
     w = layer[name]
     return native_matmul.matmul_blocks(x.reshape(-1, x.shape[-1]), layer[BLOCKS][name], w).reshape(
         *x.shape[:-1], w.shape[-1])
@@ -78,23 +79,26 @@ def q4_1_product(x, layer, name):
 
 def compare_projections(rows_list: list[int], repeats: int) -> None:
     rng = np.random.default_rng(0)
-    weights = [random_layer(rng) for _ in range(LAYERS)]
+    q4 = [random_layer(rng, gguf.GGMLQuantizationType.Q4_1, Q4_1_BYTES) for _ in range(LAYERS)]
+    q8 = [random_layer(rng, gguf.GGMLQuantizationType.Q8_0, Q8_0_BYTES) for _ in range(LAYERS)]
     weights_mb = LAYERS * sum(k * n for k, n in SHAPES) * 4 / 1e6
-    blocks_mb = weights_mb * Q4_1_BYTES / (4 * BLOCK_WEIGHTS)
-    programs = {name: jax.jit(functools.partial(projections, product)) for name, product in
-                (("xla", xla_product), ("f32", float32_product), ("q4", q4_1_product))}
-    print(f"\n{LAYERS} layers' projections ({weights_mb:.0f} MB float32, {blocks_mb:.0f} MB as Q4_1 blocks)")
-    print(f"{'rows':>5} {'XLA ms':>8} {'float32 ms':>11} {'Q4_1 ms':>8} {'XLA GB/s':>9} {'f32 GB/s':>9} "
-          f"{'Q4_1 GB/s':>10} {'XLA/f32':>8} {'XLA/Q4_1':>9}")
+    mb = {"q4": weights_mb * Q4_1_BYTES / (4 * BLOCK_WEIGHTS), "q8": weights_mb * Q8_0_BYTES / (4 * BLOCK_WEIGHTS)}
+    xla, f32, kernel = (jax.jit(functools.partial(projections, product))
+                        for product in (xla_product, float32_product, blocks_product))
+    runs = {"xla": (xla, q4), "f32": (f32, q4), "q4": (kernel, q4), "q8": (kernel, q8)}  # name -> (program, weights)
+    print(f"\n{LAYERS} layers' projections ({weights_mb:.0f} MB float32, {mb['q4']:.0f} MB as Q4_1 blocks, "
+          f"{mb['q8']:.0f} MB as Q8_0)")
+    print(f"{'rows':>5} {'XLA ms':>8} {'float32 ms':>11} {'Q4_1 ms':>8} {'Q8_0 ms':>8} {'XLA/f32':>8} {'XLA/Q4_1':>9} "
+          f"{'XLA/Q8_0':>9} {'Q4_1 GB/s':>10} {'Q8_0 GB/s':>10}")
     for rows in rows_list:
         x = jnp.asarray(rng.standard_normal((rows, 1, 576), np.float32))
-        outputs = {name: np.asarray(program(x, weights)) for name, program in programs.items()}
-        for name in ("f32", "q4"):
-            np.testing.assert_allclose(outputs[name], outputs["xla"], rtol=2e-3, atol=2e-3)
-        ms = {name: median_ms(program, (x, weights), repeats) for name, program in programs.items()}
-        print(f"{rows:>5} {ms['xla']:>8.2f} {ms['f32']:>11.2f} {ms['q4']:>8.2f} {weights_mb / ms['xla']:>9.1f} "
-              f"{weights_mb / ms['f32']:>9.1f} {blocks_mb / ms['q4']:>10.1f} {ms['xla'] / ms['f32']:>7.2f}x "
-              f"{ms['xla'] / ms['q4']:>8.2f}x")
+        for name, (program, weights) in runs.items():  # each kernel against XLA over the same float32 weights
+            np.testing.assert_allclose(np.asarray(program(x, weights)), np.asarray(xla(x, weights)), rtol=2e-3,
+                                       atol=2e-3)
+        ms = {name: median_ms(program, (x, weights), repeats) for name, (program, weights) in runs.items()}
+        print(f"{rows:>5} {ms['xla']:>8.2f} {ms['f32']:>11.2f} {ms['q4']:>8.2f} {ms['q8']:>8.2f} "
+              f"{ms['xla'] / ms['f32']:>7.2f}x {ms['xla'] / ms['q4']:>8.2f}x {ms['xla'] / ms['q8']:>8.2f}x "
+              f"{mb['q4'] / ms['q4']:>10.1f} {mb['q8'] / ms['q8']:>10.1f}")
 
 
 def compare_heads(rows_list: list[int], repeats: int) -> None:
