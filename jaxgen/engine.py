@@ -446,12 +446,13 @@ class Engine:
         return max(ready, default=1)
 
     def _identity(self) -> str:
-        """Everything besides the sources that a compiled program depends on (shardings and devices included)."""
+        """Everything besides the sources that a compiled program depends on (shardings, devices and the layer spans
+        a span program runs included)."""
         shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype), str(getattr(x, "sharding", None))),
                               (self.params, self.lora))
         devices = [(d.id, d.process_index) for d in self.layout.mesh.devices.flat] + [jax.process_index()]
         return json.dumps([repr(self.cfg), self.family.name, dataclasses.astuple(self.config)[:2],
-                           self.config.chunk, repr(shapes), self.layout.describe(), devices])
+                           self.config.chunk, self.layer_span_bounds(), repr(shapes), self.layout.describe(), devices])
 
     def _put(self, x):
         """A host array as the programs take their inputs: whole on every device of the mesh."""

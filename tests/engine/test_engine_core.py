@@ -637,13 +637,13 @@ def test_layer_spans_cut_the_layers_evenly_and_one_span_means_whole_chunks(tiny_
         engine.close()
 
 
-def run_beside_a_stream(tiny_llm, layer_spans: int):
+def run_beside_a_stream(tiny_llm, layer_spans: int, **changes):
     """A 7-chunk prompt and a 2-chunk one arrive while a stream decodes, with no prefill allowed beyond the
-    minimum; then a prompt sharing 6 chunks of the first. -> (the long prompt's and the later one's records,
-    the prompt lengths of each prefill call, the ops of every device step)."""
+    minimum; then a prompt sharing 6 chunks of the first (the engine also changed by `changes`). -> (the long
+    prompt's and the later one's records, the prompt lengths of each prefill call, the ops of every device step)."""
     long, short = list(range(3, 103)), list(range(110, 140))
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=3)
-    with tiny_engine_llm(tiny_llm, chunk=16, layer_spans=layer_spans) as llm:
+    with tiny_engine_llm(tiny_llm, chunk=16, layer_spans=layer_spans, **changes) as llm:
         engine = llm.engine
         engine.clock.budget = lambda *shapes_and_load: 0
         calls, ops = [], []
@@ -681,6 +681,26 @@ def test_long_prompts_run_a_layer_span_a_turn_while_streams_decode_with_the_bits
     assert "ss" not in turns, turns
     assert [c.count(30) for c in calls if 30 in c] == [2]
     assert [c.count(100) for c in whole_calls if 100 in c] == [1] * 7 and "span" not in whole_ops
+
+
+def test_engines_of_different_layer_spans_never_share_a_span_program(tiny_llm, tmp_path):
+    """Span programs on disk are told apart by their layer bounds: on a 4-layer model an engine of 2 spans, then
+    one of 4 (whose span 1 is not a last span) with the same executable cache, each run the long prompt beside a
+    stream with the bits of whole chunks."""
+    import dataclasses
+    import types
+
+    import jax
+
+    from jaxgen.models import llama
+
+    cfg = dataclasses.replace(tiny_llm.cfg, num_layers=4)
+    four = types.SimpleNamespace(cfg=cfg, params=llama.init_params(cfg, jax.random.key(1)),
+                                 tokenizer=tiny_llm.tokenizer)
+    whole = run_beside_a_stream(four, layer_spans=1)
+    for spans in (2, 4):
+        ran, later, _, ops = run_beside_a_stream(four, layer_spans=spans, executable_cache=str(tmp_path))
+        assert (ran, later) == whole[:2] and ops.count("span") == 7 * spans
 
 
 @pytest.mark.parametrize("max_len", [64, 32])
