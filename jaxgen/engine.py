@@ -191,7 +191,7 @@ class EngineConfig:
     decode_slowdown: float = 3.0  # while streams decode, a turn's prefill may stretch their token gap this much
     strict_schemas: bool = True  # JSON schemas refuse undeclared keys (grammar.strict_schema)
     chunk: int = 64  # prompt chunk length: prefill rows and prefix reuse are whole chunks
-    layer_spans: int = 3  # a long prompt's chunk over the turn budget runs in this many layer spans, one a turn
+    layer_spans: int = 6  # a long prompt's chunk over the turn budget runs in this many layer spans, one a turn
     prefix_cache: bool = True  # reuse prompt prefixes that slots already hold
     executable_cache: str | None = None  # directory of serialized compiled programs (None: compile every start)
 
