@@ -1,5 +1,5 @@
 """Load a llama.cpp GGUF file: config from metadata, dequantized weights (and, where decode steps read them, the
-projections' Q4_1 or Q8_0 blocks and the LM head's Q8_0 ones), tokenizer and chat template."""
+projections' and the LM head's Q4_1 or Q8_0 blocks), tokenizer and chat template."""
 from __future__ import annotations
 
 import functools
@@ -17,7 +17,8 @@ from .config import ModelConfig
 from .weights import (BLOCKS, HEAD_BLOCKS, PROJECTIONS, Q4_1_BYTES, Q8_0_BYTES, blocks_usable, fused_column_order,
                       params_from_hf)
 
-BLOCK_BYTES = {gguf.GGMLQuantizationType.Q4_1: Q4_1_BYTES, gguf.GGMLQuantizationType.Q8_0: Q8_0_BYTES}  # the kernels' types
+# The block types the decode kernel reads (`native_matmul.matmul_blocks`) -> a block's bytes.
+BLOCK_BYTES = {gguf.GGMLQuantizationType.Q4_1: Q4_1_BYTES, gguf.GGMLQuantizationType.Q8_0: Q8_0_BYTES}
 
 # GGUF tensor names -> HF names ({i} is the layer index).
 GGUF_TO_HF = {
@@ -271,15 +272,16 @@ def load_gguf(path, dtype, mesh=None):
         head = head_blocks(reader, cfg) if blocks_usable(dtype, mesh) else None
     except (ValueError, IndexError) as e:
         raise ModelLoadError(f"GGUF file {path} is damaged: {e}") from e
-    params["layers"] = [{**layer, BLOCKS: jax.device_put(b)} if b else layer for layer, b in zip(params["layers"], blocks)]
+    params["layers"] = [{**layer, BLOCKS: jax.device_put(b)} if b else layer
+                        for layer, b in zip(params["layers"], blocks)]
     if head is not None:
         params[HEAD_BLOCKS] = jax.device_put(head)
     return cfg, params, tokenizer
 
 
 def keeps_blocks(cfg: ModelConfig, dtype, mesh) -> bool:
-    """Whether a load keeps the file's projection blocks beside the float32 weights: where decode steps can read them
-    (`weights.blocks_usable`), for a family whose projections are HF's as they are."""
+    """Whether a load keeps the file's projection blocks beside the float32 weights: where decode steps can read
+    them (`weights.blocks_usable`), for a family whose projections are HF's as they are."""
     from .family import family_for
 
     return family_for(cfg).gguf_blocks and blocks_usable(dtype, mesh)

@@ -243,7 +243,7 @@ def lora_layers(lora, num_layers: int) -> list:
 
 def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """x [..., D] (already normed) @ the LM head (the embeddings when tied) -> float32 logits [..., V]; a decode
-    step (x [B, 1, D]) reads the head's Q8_0 blocks where params carry them and the kernel applies."""
+    step (x [B, 1, D]) reads the head's GGUF blocks where params carry them and the kernel applies."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     blocks = params.get(HEAD_BLOCKS)
     if blocks is not None and native_matmul.applies_blocks(x, blocks):

@@ -35,7 +35,7 @@ TARGETS = {"jaxgen_attention": ("JaxgenAttention", "JAXGEN_NATIVE_ATTENTION"),
            "jaxgen_matmul_q8_0": ("JaxgenMatmulQ80", "JAXGEN_NATIVE_Q8_0")}
 # CPU features (Linux's /proc/cpuinfo flags) a kernel is written for; elsewhere its source builds to a handler
 # that refuses, and the kernel counts as off.
-CPU_FEATURES = {"jaxgen_matmul_q4_1": ("avx512f", "f16c"), "jaxgen_matmul_q8_0": ("avx512f", "f16c")}
+CPU_FEATURES = dict.fromkeys(("jaxgen_matmul_q4_1", "jaxgen_matmul_q8_0"), ("avx512f", "f16c"))  # matmul_blocks.cc
 # fast-math lets the compiler call glibc's vector exp/tanh; nothing here relies on inf, NaN or signed zeros. It is
 # given to the compile step alone: linked with it, the library would carry crtfastmath's constructor, which sets
 # flush-to-zero for the whole process on load (numpy's subnormals, and every other library's, would read 0).

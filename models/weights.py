@@ -78,8 +78,8 @@ def block_bytes(params: Params) -> dict:
     """The bytes of a block of each GGUF block matrix params carry (20 Q4_1, 34 Q8_0): {"layers": [{name: bytes}]
     (`BLOCKS`), "head": bytes or None (`HEAD_BLOCKS`)}."""
     head = params.get(HEAD_BLOCKS)
-    return {"layers": [{name: int(b.shape[2]) for name, b in layer.get(BLOCKS, {}).items()} for layer in params["layers"]],
-            "head": None if head is None else int(head.shape[2])}
+    layers = [{name: int(b.shape[2]) for name, b in layer.get(BLOCKS, {}).items()} for layer in params["layers"]]
+    return {"layers": layers, "head": None if head is None else int(head.shape[2])}
 
 
 def blocks_usable(dtype, mesh) -> bool:

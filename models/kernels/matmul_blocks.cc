@@ -135,28 +135,17 @@ ffi::Error MatmulBlocks(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulQ41(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                     ffi::ResultBuffer<ffi::F32> y) {
-  return MatmulBlocks<Q41>(pool, x, w, y);
-}
-
-ffi::Error MatmulQ80(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                     ffi::ResultBuffer<ffi::F32> y) {
-  return MatmulBlocks<Q80>(pool, x, w, y);
-}
 #else
-ffi::Error Refuse() { return ffi::Error(ffi::ErrorCode::kUnimplemented, "the block kernels need AVX-512 and F16C"); }
+struct Q41 {};
+struct Q80 {};
 
-ffi::Error MatmulQ41(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>) {
-  return Refuse();
-}
-
-ffi::Error MatmulQ80(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>) {
-  return Refuse();
+template <class Format>
+ffi::Error MatmulBlocks(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "the block kernels need AVX-512 and F16C");
 }
 #endif
 
-// Both handlers take the same operands.
+// Both block types' handlers take the same operands.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -167,5 +156,5 @@ auto Binding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenMatmulQ41, MatmulQ41, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenMatmulQ80, MatmulQ80, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenMatmulQ41, MatmulBlocks<Q41>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenMatmulQ80, MatmulBlocks<Q80>, Binding());
